@@ -1,0 +1,121 @@
+"""Make RecBole 1.2.1 run on today's numpy 2, torch >= 2.6 and CPU-only torch.distributed.
+
+Applied once, on `import atspeed_rec`, before any RecBole `Config` is built. Every patch is
+scoped to RecBole's own modules; nothing here changes torch or numpy for other code.
+See ../shared/reference/recbole-notes.md for what breaks without each patch.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import types
+
+import numpy as np
+import pandas as pd
+import torch
+
+_APPLIED = False
+
+# numpy 2 removed these aliases; RecBole's Config (`compatibility_settings`), dataset and metric
+# code still use them, and ray uses bool8.
+_NUMPY_ALIASES = {
+    "float": float, "int": int, "bool": bool, "object": object, "str": str, "long": int,
+    "complex": complex, "unicode": str, "float_": np.float64, "complex_": np.complex128,
+    "unicode_": np.str_, "bool8": np.bool_,
+}
+
+
+def _numpy_aliases() -> None:
+    for name, value in _NUMPY_ALIASES.items():
+        if name not in np.__dict__:
+            setattr(np, name, value)
+
+
+def atomic_torch_save(obj, path, **kwargs) -> None:
+    """torch.save through a temporary file and os.replace: a crash never leaves half a file."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp, **kwargs)
+    os.replace(tmp, path)
+
+
+def _recbole_torch() -> types.ModuleType:
+    """A stand-in for `torch` inside recbole.trainer.trainer only.
+
+    RecBole pickles its whole Config into its .pth checkpoints, so they can only be read with
+    weights_only=False; this allows that for RecBole's own trainer (which wrote the file in the
+    same run) and nowhere else. Its saves become atomic.
+    """
+    proxy = types.ModuleType("torch")
+    proxy.__dict__.update(torch.__dict__)
+    proxy.load = lambda f, *a, **kw: torch.load(f, *a, **{"weights_only": False, **kw})
+    proxy.save = atomic_torch_save
+    return proxy
+
+
+def _recbole_pandas() -> types.ModuleType:
+    """A stand-in for `pandas` inside recbole.data.dataset.dataset only.
+
+    Atomic files are plain tab-separated text with no quoting, but RecBole reads them with
+    pandas' default quote handling, so a title that starts with a double quote (six in Amazon
+    Beauty) breaks the parse or swallows the following fields. Read them with quoting off.
+    """
+    proxy = types.ModuleType("pandas")
+    proxy.__dict__.update(pd.__dict__)
+    proxy.read_csv = lambda *a, **kw: pd.read_csv(*a, **{"quoting": csv.QUOTE_NONE, **kw})
+    return proxy
+
+
+def _ddp(module, device_ids=None, **kwargs):
+    """DistributedDataParallel that accepts RecBole's `device_ids=[rank]` for a CPU module."""
+    on_cpu = next(module.parameters()).device.type == "cpu"
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=None if on_cpu else device_ids, **kwargs
+    )
+
+
+def _init_device(self) -> None:
+    """RecBole's Config._init_device, with gloo instead of a hard-coded nccl when there is no CUDA."""
+    cfg = self.final_config_dict
+    gpu_id = cfg["gpu_id"]
+    cfg["gpu_id"] = ",".join(map(str, gpu_id)) if isinstance(gpu_id, tuple) else str(gpu_id)
+    use_cuda = torch.cuda.is_available() and cfg.get("use_gpu", True) and len(cfg["gpu_id"]) > 0
+    if "local_rank" not in cfg:  # single process
+        cfg["single_spec"] = True
+        cfg["local_rank"] = 0
+        cfg["device"] = torch.device("cuda") if use_cuda else torch.device("cpu")
+        return
+    rank = cfg["local_rank"]
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=rank + cfg["offset"],
+            world_size=cfg["world_size"],
+            init_method=f"tcp://{cfg['ip']}:{cfg['port']}",
+        )
+    if use_cuda:
+        torch.cuda.set_device(rank)
+    cfg["device"] = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
+    cfg["single_spec"] = False
+    if rank != 0:  # RecBole's convention: only rank 0 logs and shows progress
+        cfg["state"] = "error"
+        cfg["show_progress"] = False
+        cfg["verbose"] = False
+
+
+def apply() -> None:
+    """Apply every patch once; safe to call again."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _numpy_aliases()
+    import recbole.config.configurator as configurator
+    import recbole.data.dataset.dataset as dataset
+    import recbole.trainer.trainer as trainer
+
+    configurator.Config._init_device = _init_device
+    dataset.pd = _recbole_pandas()
+    trainer.torch = _recbole_torch()
+    trainer.DistributedDataParallel = _ddp
+    _APPLIED = True

@@ -1,0 +1,208 @@
+"""Run one model on one dataset through RecBole: config, data, model, trainer, evaluation.
+
+The project's replacement for `recbole.quick_start.run_recbole`, which can only run RecBole's
+built-in models (it looks the name up again) and imports ray. Multi-process runs go through
+RecBole's own DDP path (`local_rank`, `world_size`, ... in the config), on gloo without CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import recbole
+import torch
+import yaml
+from recbole.config import Config
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_logger, init_seed, set_color
+
+from atspeed_rec.errors import ConfigError, DatasetNotFoundError
+from atspeed_rec.recbole_glue.registry import get_model_class, get_trainer_class
+
+PROPERTIES = Path(__file__).resolve().parents[2] / "properties"
+
+
+def property_files(model: str, dataset: str, extra: list[str] | None = None) -> list[str]:
+    """overall.yaml, then the dataset's and the model's files when present, then the user's."""
+    files = [PROPERTIES / "overall.yaml", PROPERTIES / "dataset" / f"{dataset}.yaml",
+             PROPERTIES / "model" / f"{model}.yaml"]
+    chosen = [str(f) for f in files if f.is_file()]
+    for f in extra or []:
+        if not Path(f).is_file():
+            raise ConfigError(f"config file '{f}' does not exist; fix the path given to --config_files")
+        chosen.append(str(f))
+    return chosen
+
+
+@contextlib.contextmanager
+def _argv_hidden():
+    """RecBole's Config parses all of sys.argv; the runner passes everything explicitly."""
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def build_config(model: str, dataset: str, config_files=None, overrides=None) -> Config:
+    model_class = get_model_class(model)
+    files = property_files(model_class.__name__, dataset, config_files)
+    try:
+        with _argv_hidden():
+            config = Config(model=model_class, dataset=dataset, config_file_list=files,
+                            config_dict=dict(overrides or {}))
+    except (ValueError, NotImplementedError) as err:  # RecBole's own checks, clear but raised raw
+        raise ConfigError(f"invalid configuration: {err}") from None
+    check_config(config)
+    return config
+
+
+def check_config(config: Config) -> None:
+    """Protocol mistakes that RecBole would otherwise report deep inside a library, or not at all."""
+    topk = config["topk"] if isinstance(config["topk"], list) else [config["topk"]]
+    valid_metric = str(config["valid_metric"]).lower()
+    if "@" in valid_metric and int(valid_metric.split("@")[1]) not in topk:
+        raise ConfigError(f"valid_metric {config['valid_metric']} is not among topk={topk}; "
+                          "fix: add its cut-off to topk or pick another valid_metric")
+
+
+def _download_url(dataset: str) -> str | None:
+    with open(Path(recbole.__file__).parent / "properties" / "dataset" / "url.yaml") as f:
+        return yaml.safe_load(f).get(dataset)
+
+
+def check_dataset(config: Config) -> None:
+    """Fail clearly when the dataset is neither on disk nor downloadable."""
+    folder, name = Path(config["data_path"]), config["dataset"]
+    if (folder / f"{name}.inter").is_file():
+        return
+    url = _download_url(name)
+    where = (f"looked for {folder / (name + '.inter')}; fix: put the RecBole atomic files there, "
+             f"or pass --data_path=DIR where DIR/{name}/{name}.inter exists")
+    if url is None:
+        raise DatasetNotFoundError(f"dataset '{name}' was not found and RecBole cannot download it: {where}")
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10).close()
+    except Exception as err:  # offline: DNS failure, refused connection, timeout...
+        raise DatasetNotFoundError(
+            f"dataset '{name}' is not on disk and its download ({url}) failed: {err}. {where}"
+        ) from None
+
+
+def _jsonable(value):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+def run_single(model: str, dataset: str, config_files=None, overrides=None, saved: bool = True) -> dict:
+    """Train, validate and test in this process (one rank of a DDP run when `local_rank` is set)."""
+    start = time.time()
+    config = build_config(model, dataset, config_files, overrides)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = logging.getLogger()
+    logger.info(set_color("stage", "green") + f": config ready for {config['model']} on {config['dataset']}")
+    logger.info(config)
+    check_dataset(config)
+
+    logger.info(set_color("stage", "green") + ": loading and splitting the dataset")
+    data = create_dataset(config)
+    logger.info(data)
+    train_data, valid_data, test_data = data_preparation(config, data)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model_class = get_model_class(model)
+    net = model_class(config, train_data._dataset).to(config["device"])
+    logger.info(net)
+    trainer = get_trainer_class(model_class, config)(config, net)
+    distributed = not config["single_spec"]
+    if distributed:  # every rank must read the checkpoint rank 0 writes (its name holds a timestamp)
+        name = [trainer.saved_model_file]
+        torch.distributed.broadcast_object_list(name, src=0)
+        trainer.saved_model_file = name[0]
+
+    logger.info(set_color("stage", "green") + ": training")
+    best_valid_score, best_valid = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+    )
+    if distributed:
+        torch.distributed.barrier()  # rank 0 has written the best checkpoint
+    logger.info(set_color("stage", "green") + ": testing")
+    test = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    logger.info(set_color("best valid ", "yellow") + f": {dict(best_valid or {})}")
+    logger.info(set_color("test result", "yellow") + f": {dict(test)}")
+    result = {
+        "model": config["model"],
+        "dataset": config["dataset"],
+        "best_valid_score": float(best_valid_score),
+        "best_valid": {k: float(v) for k, v in (best_valid or {}).items()},
+        "test": {k: float(v) for k, v in test.items()},
+        "wall_time_s": round(time.time() - start, 2),
+        "config": _jsonable(dict(config.final_config_dict)),
+    }
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, nproc: int, port: int, args: tuple, queue) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
+    model, dataset, config_files, overrides = args
+    ddp = {"local_rank": rank, "world_size": nproc, "nproc": nproc, "offset": 0,
+           "ip": "127.0.0.1", "port": str(port)}
+    result = run_single(model, dataset, config_files, {**(overrides or {}), **ddp})
+    if rank == 0:
+        queue.put(result)
+
+
+def run(model: str, dataset: str, config_files=None, overrides=None, nproc: int = 1,
+        result_file: str | None = None) -> dict:
+    """Run once (or on `nproc` processes) and optionally write the result as JSON."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    start = time.time()
+    if nproc == 1:
+        result = run_single(model, dataset, config_files, overrides)
+    else:
+        # Validate in the parent, so a bad name fails once and clearly, not in N children.
+        config = build_config(model, dataset, config_files, overrides)
+        check_dataset(config)
+        # RecBole's ensure_dir races when ranks create the same folders at once.
+        for folder in (Path("log") / config["model"], Path(config["checkpoint_dir"])):
+            folder.mkdir(parents=True, exist_ok=True)
+        ctx = torch.multiprocessing.get_context("spawn")
+        queue = ctx.SimpleQueue()
+        torch.multiprocessing.spawn(
+            _rank_main, args=(nproc, _free_port(), (model, dataset, config_files, overrides), queue),
+            nprocs=nproc, join=True,
+        )
+        result = queue.get()
+        result["nproc"] = nproc
+        result["wall_time_s"] = round(time.time() - start, 2)
+    if result_file:
+        path = Path(result_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, path)
+    return result

@@ -1,0 +1,61 @@
+"""RecBole on numpy 2 / torch >= 2.6, with every patch scoped to RecBole."""
+
+import io
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import recbole.trainer.trainer as recbole_trainer
+from atspeed_rec import compat
+
+
+def test_numpy_aliases_recbole_needs_exist():
+    assert np.float is float and np.float_ is np.float64 and np.complex_ is np.complex128
+    assert np.bool8 is np.bool_ and np.unicode_ is np.str_
+
+
+def test_recbole_trainer_reads_its_own_pickled_checkpoints(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    state = {"state_dict": {"w": torch.ones(2)}, "config": types.SimpleNamespace(a=1)}
+    recbole_trainer.torch.save(state, path, pickle_protocol=4)
+    loaded = recbole_trainer.torch.load(path, map_location="cpu")
+    assert loaded["config"].a == 1
+
+
+def test_weights_only_loading_stays_on_everywhere_else():
+    buffer = io.BytesIO()
+    torch.save({"config": types.SimpleNamespace(a=1)}, buffer)
+    buffer.seek(0)
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        torch.load(buffer)
+
+
+def test_recbole_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pth"
+    path.write_bytes(b"previous checkpoint")
+
+    def crash(obj, f, **kwargs):
+        open(f, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compat.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        compat.atomic_torch_save({"x": 1}, path)
+    assert path.read_bytes() == b"previous checkpoint"
+
+
+def test_item_titles_starting_with_a_quote_load_intact(synth_root, in_tmp_dir):
+    from recbole.data import create_dataset
+
+    from atspeed_rec.recbole_glue.runner import build_config
+
+    config = build_config("SASRec", "synth", [str(synth_root / "synth.yaml")],
+                          {"data_path": str(synth_root)})
+    data = create_dataset(config)
+    assert data.item_num == 61  # 60 items + PAD
+    tokens = data.field2id_token["title"]
+    assert '"Quoted"' in set(tokens)
+    brands = set(data.field2id_token["brand"])
+    assert {"brand0", "brand1", "brand2", "brand3"} <= brands

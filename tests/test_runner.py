@@ -1,0 +1,87 @@
+"""The RecBole runner: baselines, result files, clear errors, distributed runs."""
+
+import json
+
+import pytest
+
+from atspeed_rec.recbole_glue.cli import main, parse_args
+
+
+def run_cli(root, *args):
+    return main(["--dataset=synth", f"--data_path={root}", f"--config_files={root / 'synth.yaml'}",
+                 "--epochs=1", *args])
+
+
+@pytest.mark.parametrize("model", ["SASRec", "GRU4Rec", "BERT4Rec"])
+def test_each_baseline_trains_one_epoch_and_writes_its_metrics(model, synth_root, in_tmp_dir):
+    out = in_tmp_dir / "result.json"
+    assert run_cli(synth_root, f"--model={model}", f"--result_file={out}") == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == model and result["dataset"] == "synth"
+    for split in ("best_valid", "test"):
+        assert set(result[split]) == {f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)}
+        assert all(0.0 <= v <= 1.0 for v in result[split].values())
+    assert result["test"]["recall@20"] >= result["test"]["recall@5"]
+    assert result["wall_time_s"] > 0
+    assert result["config"]["eval_args"]["split"] == {"LS": "valid_and_test"}
+    assert result["config"]["valid_metric"] == "NDCG@10"
+
+
+def test_overrides_are_parsed_as_recbole_reads_them():
+    args, overrides = parse_args(["--model=SASRec", "--epochs=3", "--learning_rate=1e-4",
+                                  "--topk=[5,10]", "--reproducibility=false", "--loss_type=CE",
+                                  "--data_path=/x"])
+    assert args.model == "SASRec"
+    assert overrides == {"epochs": 3, "learning_rate": 1e-4, "topk": [5, 10],
+                         "reproducibility": False, "loss_type": "CE", "data_path": "/x"}
+
+
+def test_an_unknown_model_is_refused_with_the_list_of_models(synth_root, in_tmp_dir, capsys):
+    assert run_cli(synth_root, "--model=SASRek") == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'SASRek'" in err and "Did you mean SASRec" in err
+    assert "GRU4Rec" in err and "--model=" in err and "lightgbm" not in err
+
+
+def test_a_dataset_that_is_not_on_disk_names_the_folder_and_the_fix(tmp_path, in_tmp_dir, capsys):
+    assert main(["--model=SASRec", "--dataset=no-such-data", f"--data_path={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "no-such-data" / "no-such-data.inter") in err
+    assert "--data_path" in err and "Traceback" not in err
+
+
+def test_a_known_dataset_that_cannot_be_downloaded_fails_clearly(tmp_path, in_tmp_dir, capsys, monkeypatch):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert main(["--model=SASRec", "--dataset=amazon-beauty", f"--data_path={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "download" in err and str(tmp_path / "amazon-beauty") in err and "--data_path" in err
+
+
+def test_a_missing_config_file_is_named(synth_root, in_tmp_dir, capsys):
+    assert main(["--model=SASRec", "--dataset=synth", "--config_files=nowhere.yaml"]) == 2
+    assert "nowhere.yaml" in capsys.readouterr().err
+
+
+def test_a_valid_metric_outside_topk_is_a_configuration_error(synth_root, in_tmp_dir, capsys):
+    assert run_cli(synth_root, "--model=SASRec", "--valid_metric=NDCG@50") == 2
+    assert "valid_metric NDCG@50 is not among topk" in capsys.readouterr().err
+
+
+def test_ce_loss_with_negative_sampling_is_a_configuration_error(synth_root, in_tmp_dir, capsys):
+    negs = "--train_neg_sample_args={'distribution': 'uniform', 'sample_num': 1}"
+    assert run_cli(synth_root, "--model=SASRec", negs) == 2
+    assert "should be None when the loss_type is CE" in capsys.readouterr().err
+
+
+def test_two_process_distributed_run_on_cpu_reports_metrics(synth_root, in_tmp_dir):
+    out = in_tmp_dir / "ddp.json"
+    assert run_cli(synth_root, "--model=SASRec", "--nproc=2", f"--result_file={out}") == 0
+    result = json.loads(out.read_text())
+    assert result["nproc"] == 2
+    assert result["config"]["world_size"] == 2
+    assert 0.0 <= result["test"]["ndcg@10"] <= 1.0
