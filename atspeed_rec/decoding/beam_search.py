@@ -1,0 +1,105 @@
+"""Trie-constrained beam search over semantic IDs, KV-cached, B requests x K beams per batch.
+
+Scores follow Hugging Face `generate(num_beams=K, prefix_allowed_tokens_fn=...)` exactly: a
+beam's score is the sum of its tokens' full-vocabulary log-probabilities, with codes outside
+the trie set to -inf (not renormalised). Differences from `generate`: the prompt is encoded
+once per request (not once per beam), codes are scored over their level's C tokens only, and
+the trie walk is one gather per step. This search is both the speed baseline and the verifier
+that speculative decoding must reproduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from atspeed_rec.models.vocab import CodeVocab
+from atspeed_rec.semantic_ids.trie import CodeTrie
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class BeamResult:
+    items: torch.Tensor  # [B, K] item ids, best first; -1 where fewer than K items exist
+    codes: torch.Tensor  # [B, K, L]
+    scores: torch.Tensor  # [B, K] cumulative log-probabilities (-inf for missing beams)
+    forward_calls: int  # target forward passes for the whole batch
+
+
+def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded prompts, as `generate` makes them: pos = cumsum(mask) - 1."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_last(model, input_ids, attention_mask, position_ids, cache=None):
+    """One forward pass; log-probs `[N, V]` after the last input token and the updated cache."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                cache=cache, use_cache=True, logits_to_keep=1)
+    return torch.log_softmax(out.logits[:, -1].float(), dim=-1), out.cache
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Encode the prompts `[B, P]`; log-probs `[B, V]` of the first code and the cache."""
+    return forward_last(model, input_ids, attention_mask, prompt_positions(attention_mask))
+
+
+def decode_one_token(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache):
+    """Feed one token per beam `[N]`; `attention_mask [N, T]` already includes it."""
+    positions = attention_mask.long().sum(-1, keepdim=True) - 1  # [N, 1]
+    return forward_last(model, tokens.unsqueeze(-1), attention_mask, positions, cache)
+
+
+def masked_code_logprobs(logprobs, vocab: CodeVocab, trie: CodeTrie, nodes, level: int):
+    """`[..., C]` log-probs of the codes of `level`, -inf where the trie forbids them."""
+    code_lp = vocab.code_logits(logprobs, level)
+    return code_lp.masked_fill(~trie.allowed(nodes, level), NEG_INF)
+
+
+def select_top_k(beam_scores: torch.Tensor, code_lp: torch.Tensor, k: int):
+    """Top-k (parent, code) pairs by S(h) + log p(v | h).
+
+    beam_scores: `[B, H]`; code_lp: `[B, H, C]`. Returns parent `[B, k]`, code `[B, k]`,
+    score `[B, k]`, sorted best first; -inf scores where fewer than k pairs are allowed.
+    """
+    C = code_lp.shape[-1]
+    total = (beam_scores.unsqueeze(-1) + code_lp).flatten(1)  # [B, H * C]
+    k_eff = min(k, total.shape[1])
+    score, flat = total.topk(k_eff, dim=-1)
+    if k_eff < k:  # fewer candidates than beams: pad with empty beams
+        pad = (score.shape[0], k - k_eff)
+        score = torch.cat([score, score.new_full(pad, NEG_INF)], dim=1)
+        flat = torch.cat([flat, flat.new_zeros(pad)], dim=1)
+    return flat // C, flat % C, score
+
+
+@torch.no_grad()
+def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor, num_beams: int) -> BeamResult:
+    """Top-`num_beams` valid items for each left-padded prompt `input_ids [B, P]`."""
+    B, K, L = input_ids.shape[0], num_beams, vocab.levels
+    logprobs, cache = prefill(model, input_ids, attention_mask)  # [B, V]
+    nodes = trie.root_nodes(B, 1)  # [B, 1]
+    code_lp = masked_code_logprobs(logprobs.unsqueeze(1), vocab, trie, nodes, 0)  # [B, 1, C]
+    parent, code, scores = select_top_k(input_ids.new_zeros(B, 1, dtype=torch.float), code_lp, K)
+    codes = code.unsqueeze(-1)  # [B, K, 1]
+    alive = scores > NEG_INF
+    nodes = torch.where(alive, trie.step(nodes.expand(B, K), code, 0), 0)  # [B, K]
+    cache.batch_repeat_interleave(K)
+    mask = attention_mask.repeat_interleave(K, dim=0)  # [B*K, P]
+    batch_base = torch.arange(B, device=input_ids.device).unsqueeze(-1) * K  # [B, 1]
+    for level in range(1, L):
+        mask = torch.cat([mask, mask.new_ones(B * K, 1)], dim=1)
+        tokens = vocab.tokens(codes[..., -1], level - 1).flatten()  # [B*K]
+        logprobs, cache = decode_one_token(model, tokens, mask, cache)  # [B*K, V]
+        code_lp = masked_code_logprobs(logprobs.view(B, K, -1), vocab, trie, nodes, level)
+        parent, code, scores = select_top_k(scores, code_lp, K)
+        codes = torch.cat([codes.gather(1, parent.unsqueeze(-1).expand(-1, -1, level)),
+                           code.unsqueeze(-1)], dim=-1)  # [B, K, level + 1]
+        alive = scores > NEG_INF
+        nodes = torch.where(alive, trie.step(nodes.gather(1, parent), code, level), 0)
+        if level < L - 1:
+            cache.reorder_cache((batch_base + parent).flatten())
+    items = torch.where(alive, nodes, -1)  # the last trie step yields item ids
+    return BeamResult(items=items, codes=codes, scores=scores, forward_calls=L)
