@@ -26,7 +26,8 @@ def test_allowed_codes_equal_the_brute_force_answer(ids, data):
     drawn = data.draw(st.lists(st.tuples(*[st.integers(0, C - 1)] * depth), min_size=1, max_size=12))
     prefixes = torch.tensor(drawn, dtype=torch.long).reshape(len(drawn), depth)
     batched = prefixes.shape[0] % 3 == 0  # also as a [B, K, depth] batch
-    mask = trie.allowed_after(prefixes.reshape(-1, 3, depth) if batched else prefixes).reshape(-1, C)
+    shaped = prefixes.reshape(len(drawn) // 3, 3, depth) if batched else prefixes
+    mask = trie.allowed_after(shaped).reshape(-1, C)
     for row, prefix in enumerate(prefixes.tolist()):
         expected = {tuple(c)[depth] for c in codes.tolist() if list(c[:depth]) == prefix}
         assert set(torch.nonzero(mask[row]).flatten().tolist()) == expected
