@@ -1,3 +1,5 @@
 """This project's RecBole models, by the name `--model=` takes."""
 
-MODELS: dict[str, type] = {}
+from atspeed_rec.models.genrec import GenRec
+
+MODELS: dict[str, type] = {"GenRec": GenRec}

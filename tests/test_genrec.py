@@ -1,0 +1,107 @@
+"""GenRec, the target LM recommender, through RecBole."""
+
+import json
+
+import pytest
+import torch
+from recbole.data import create_dataset, data_preparation
+
+from atspeed_rec.models.genrec import GenRec
+from atspeed_rec.recbole_glue.checkpoint import load_checkpoint, save_checkpoint
+from atspeed_rec.recbole_glue.cli import main
+from atspeed_rec.recbole_glue.runner import build_config
+
+SMALL = {"n_layers": 1, "hidden_size": 32, "n_heads": 2, "inner_size": 64,
+         "sid_codebook_size": 8, "sid_source": "collaborative"}
+
+
+def small_genrec(root, **overrides):
+    config = build_config("GenRec", "synth", [str(root / "synth.yaml")],
+                          {"data_path": str(root), **SMALL, **overrides})
+    data = create_dataset(config)
+    train, valid, test = data_preparation(config, data)
+    torch.manual_seed(0)
+    return GenRec(config, train._dataset).eval(), train, test
+
+
+def test_genrec_trains_one_epoch_through_the_runner(synth_root, in_tmp_dir):
+    out = in_tmp_dir / "genrec.json"
+    args = [f"--{k}={v}" for k, v in SMALL.items()]
+    code = main(["--model=GenRec", "--dataset=synth", f"--data_path={synth_root}",
+                 f"--config_files={synth_root / 'synth.yaml'}", "--epochs=1", f"--result_file={out}", *args])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == "GenRec"
+    assert 0.0 <= result["test"]["ndcg@10"] <= 1.0
+    saved = list((in_tmp_dir / "saved").glob("GenRec-synth-*.safetensors"))
+    assert len(saved) == 1 and not list((in_tmp_dir / "saved").glob("*.pth"))  # no pickles
+    meta = json.loads(saved[0].with_name(saved[0].name + ".json").read_text())
+    assert meta["config"]["hidden_size"] == 32
+
+
+def test_the_training_loss_decreases_on_one_batch(synth_root, in_tmp_dir):
+    model, train, _ = small_genrec(synth_root)
+    model.train()
+    assert model.lm.config.vocab_size == 1 + 4 * 8
+    batch = next(iter(train))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = model.calculate_loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_full_sort_scores_rank_the_beam_items_first(synth_root, in_tmp_dir):
+    model, _, test = small_genrec(synth_root)
+    batch = next(iter(test))[0]
+    with torch.no_grad():
+        scores = model.full_sort_predict(batch)  # [B, n_items]
+        beams = model.generate(batch)
+    assert scores.shape == (len(batch), model.n_items)
+    assert torch.isfinite(scores).all()
+    top = scores.topk(model.num_beams, dim=1).indices
+    assert torch.equal(top, beams.items)  # RecBole's ranking = the beam order
+    assert (beams.items > 0).all()
+
+
+def test_predict_scores_the_log_probability_of_an_items_codes(synth_root, in_tmp_dir):
+    model, _, test = small_genrec(synth_root)
+    batch = next(iter(test))[0]
+    with torch.no_grad():
+        beams = model.generate(batch)
+        batch.interaction["item_id"] = beams.items[:, 0]  # the best beam's item
+        torch.testing.assert_close(model.predict(batch), beams.scores[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_a_saved_and_reloaded_model_recommends_the_same_items(synth_root, in_tmp_dir):
+    model, _, test = small_genrec(synth_root)
+    batch = next(iter(test))[0]
+    save_checkpoint(model, in_tmp_dir / "m.safetensors", {"note": "round trip"})
+    torch.manual_seed(123)
+    other, _, _ = small_genrec(synth_root)
+    for p in other.parameters():
+        p.data.normal_()
+    meta = load_checkpoint(other, in_tmp_dir / "m.safetensors")
+    assert meta == {"note": "round trip"}
+    with torch.no_grad():
+        a, b = model.generate(batch), other.eval().generate(batch)
+    assert torch.equal(a.items, b.items) and torch.equal(a.scores, b.scores)
+
+
+def test_a_beam_width_below_the_largest_topk_is_refused(synth_root, in_tmp_dir, capsys):
+    code = main(["--model=GenRec", "--dataset=synth", f"--data_path={synth_root}",
+                 f"--config_files={synth_root / 'synth.yaml'}", "--num_beams=10"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "num_beams=10" in err and "topk cut-off 20" in err and "--num_beams=20" in err
+
+
+def test_heads_that_do_not_divide_the_width_are_refused(synth_root, in_tmp_dir, capsys):
+    code = main(["--model=GenRec", "--dataset=synth", f"--data_path={synth_root}",
+                 f"--config_files={synth_root / 'synth.yaml'}", "--hidden_size=30", "--n_heads=4"])
+    assert code == 2
+    assert "not divisible by n_heads" in capsys.readouterr().err
