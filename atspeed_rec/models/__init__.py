@@ -1,5 +1,4 @@
-"""This project's RecBole models, by the name `--model=` takes."""
+"""The models: token layout (`vocab`), LMs (`lm`), and the RecBole models (`genrec`, ...).
 
-from atspeed_rec.models.genrec import GenRec
-
-MODELS: dict[str, type] = {"GenRec": GenRec}
+The registry of names `--model=` takes is `atspeed_rec.recbole_glue.registry.project_models`.
+"""
