@@ -1,0 +1,86 @@
+"""Sampling without replacement (Gumbel-top-k) and trie-constrained beam SAMPLING.
+
+`beam_sample` is the target-only baseline of relaxed speculative decoding: at every step it draws
+K (beam, code) pairs without replacement from the softmax of the cumulative scores
+S(h) + log p(v | h), instead of keeping the top K.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from atspeed_rec.decoding.beam_search import (NEG_INF, BeamResult, decode_one_token, masked_code_logprobs,
+                                              prefill)
+from atspeed_rec.models.vocab import CodeVocab
+from atspeed_rec.semantic_ids.trie import CodeTrie
+
+
+def gumbel(shape, generator=None, device=None) -> torch.Tensor:
+    """Standard Gumbel noise: -log(E), E ~ Exp(1)."""
+    e = torch.empty(shape, device=device).exponential_(generator=generator)
+    return -e.clamp_(min=torch.finfo(e.dtype).tiny).log()
+
+
+def gumbel_top_k(logits: torch.Tensor, k: int, generator=None):
+    """k indices `[B, k]` drawn without replacement from softmax(logits `[B, n]`), in draw order.
+
+    argtop-k of logits + Gumbel noise. `valid [B, k]` is False where fewer than k entries have
+    non-zero probability (those slots hold arbitrary indices).
+    """
+    keys = logits + gumbel(logits.shape, generator, logits.device)
+    k_eff = min(k, keys.shape[1])
+    top, flat = keys.topk(k_eff, dim=-1)
+    if k_eff < k:  # fewer candidates than slots: pad with empty ones
+        pad = (keys.shape[0], k - k_eff)
+        top = torch.cat([top, top.new_full(pad, NEG_INF)], dim=1)
+        flat = torch.cat([flat, flat.new_zeros(pad)], dim=1)
+    return flat, top > NEG_INF
+
+
+def sample_top_k(beam_scores: torch.Tensor, code_lp: torch.Tensor, k: int, generator=None):
+    """Like `select_top_k`, but the k (parent, code) pairs are SAMPLED without replacement from
+    softmax(S(h) + log p(v | h)). Returns parent, code, score `[B, k]` in draw order, -inf scores
+    for empty slots."""
+    C = code_lp.shape[-1]
+    total = (beam_scores.unsqueeze(-1) + code_lp).flatten(1)  # [B, H * C]
+    flat, valid = gumbel_top_k(total, k, generator)  # softmax is shift-invariant: no normalisation needed
+    score = total.gather(1, flat).masked_fill(~valid, NEG_INF)
+    return flat // C, flat % C, score
+
+
+def sort_beams(codes: torch.Tensor, scores: torch.Tensor, items: torch.Tensor):
+    """Beams ordered by score, best first (stable)."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)  # [B, K]
+    return codes.gather(1, order.unsqueeze(-1).expand_as(codes)), scores.gather(1, order), items.gather(1, order)
+
+
+@torch.no_grad()
+def beam_sample(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                num_beams: int, generator=None) -> BeamResult:
+    """K distinct valid items per prompt by trie-constrained beam sampling, sorted by score."""
+    B, K, L = input_ids.shape[0], num_beams, vocab.levels
+    logprobs, cache = prefill(model, input_ids, attention_mask)  # [B, V]
+    nodes = trie.root_nodes(B, 1)  # [B, 1]
+    code_lp = masked_code_logprobs(logprobs.unsqueeze(1), vocab, trie, nodes, 0)  # [B, 1, C]
+    parent, code, scores = sample_top_k(code_lp.new_zeros(B, 1), code_lp, K, generator)
+    codes = code.unsqueeze(-1)  # [B, K, 1]
+    alive = scores > NEG_INF
+    nodes = torch.where(alive, trie.step(nodes.expand(B, K), code, 0), 0)  # [B, K]
+    cache.batch_repeat_interleave(K)
+    mask = attention_mask.repeat_interleave(K, dim=0)  # [B*K, P]
+    batch_base = torch.arange(B, device=input_ids.device).unsqueeze(-1) * K  # [B, 1]
+    for level in range(1, L):
+        mask = torch.cat([mask, mask.new_ones(B * K, 1)], dim=1)
+        tokens = vocab.tokens(codes[..., -1], level - 1).flatten()  # [B*K]
+        logprobs, cache = decode_one_token(model, tokens, mask, cache)  # [B*K, V]
+        code_lp = masked_code_logprobs(logprobs.view(B, K, -1), vocab, trie, nodes, level)
+        parent, code, scores = sample_top_k(scores, code_lp, K, generator)
+        codes = torch.cat([codes.gather(1, parent.unsqueeze(-1).expand(-1, -1, level)),
+                           code.unsqueeze(-1)], dim=-1)  # [B, K, level + 1]
+        alive = scores > NEG_INF
+        nodes = torch.where(alive, trie.step(nodes.gather(1, parent), code, level), 0)
+        if level < L - 1:
+            cache.reorder_cache((batch_base + parent).flatten())
+    items = torch.where(alive, nodes, -1)
+    codes, scores, items = sort_beams(codes, scores, items)
+    return BeamResult(items=items, codes=codes, scores=scores, forward_calls=L)

@@ -1,0 +1,128 @@
+"""Draft trees and the one-pass tree forward that verifies them.
+
+A round's target input (per request) is [the prompt, first round only] + the H current beams' code
+paths (H chains of `cur` tokens) + the N*d tree tokens (level j, node n at index j*N + n). Every
+token sees the request's non-pad prompt, its own ancestors and itself; its position id is the
+prompt's last position + 1 + its depth. transformers (5.24) passes a 4-D mask to attention as-is
+(`masking_utils._preprocess_mask_arguments`), so we build it in full: additive float, shape
+[G, 1, q, cache + q], 0 where visible and dtype-min elsewhere (works for eager and sdpa).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from atspeed_rec.decoding.beam_search import prompt_positions
+from atspeed_rec.models.vocab import CodeVocab
+
+
+@dataclass
+class DraftTree:
+    parents: torch.Tensor  # [G, d, N] level 0: index of a current beam; level j > 0: a node of level j-1
+    codes: torch.Tensor  # [G, d, N] code of each node (level j is depth cur + j)
+    alive: torch.Tensor  # [G, d, N] False for padding nodes (fewer than N valid pairs)
+    logq: list[torch.Tensor]  # relaxed only: level j's draft distribution over (parent, code), [G, n_parents, C]
+
+    @staticmethod
+    def empty(groups: int, width: int, device=None) -> "DraftTree":
+        z = torch.zeros(groups, 0, width, dtype=torch.long, device=device)
+        return DraftTree(z, z.clone(), z.bool(), [])
+
+    @property
+    def depth(self) -> int:
+        return self.codes.shape[1]
+
+
+def tree_ancestry(parents: torch.Tensor):
+    """Roots `[G, d, N]` (the current beam each node descends from) and `sees [G, dN, dN]`:
+    sees[g, a, b] iff node b is node a or one of its ancestors."""
+    G, d, N = parents.shape
+    sees = torch.zeros(G, d * N, d * N, dtype=torch.bool, device=parents.device)
+    if d == 0:
+        return parents.clone(), sees
+    eye = torch.eye(N, dtype=torch.bool, device=parents.device)
+    sees[:, :N, :N] = eye
+    roots = [parents[:, 0]]
+    for j in range(1, d):
+        above = sees[:, (j - 1) * N:j * N]  # [G, N, dN] rows of level j-1
+        rows = above.gather(1, parents[:, j].unsqueeze(-1).expand(-1, -1, d * N))  # parent's row
+        rows[:, :, j * N:(j + 1) * N] |= eye  # + itself
+        sees[:, j * N:(j + 1) * N] = rows
+        roots.append(roots[-1].gather(1, parents[:, j]))
+    return torch.stack(roots, 1), sees
+
+
+def tree_inputs(vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes: torch.Tensor, tree: DraftTree,
+                prompt_ids: torch.Tensor | None = None, dtype=torch.float32):
+    """Tokens `[G, q]`, position ids `[G, q]`, additive 4-D mask `[G, 1, q, P + q]` (prompt in the cache,
+    or in the input when `prompt_ids` is given) and the indices `[H + dN]` of the outputs we need:
+    the last token of each beam (the prompt's last token when cur == 0), then every tree node."""
+    G, H, cur = beam_codes.shape
+    _, d, N = tree.codes.shape
+    dev, C = prompt_mask.device, vocab.codebook_size
+    n_real = prompt_mask.long().sum(-1, keepdim=True)  # [G, 1] first free position
+    path_tok = vocab.tokens(beam_codes).flatten(1)  # [G, H*cur]
+    tree_tok = (tree.codes + vocab.offset + (cur + torch.arange(d, device=dev)).view(1, d, 1) * C).flatten(1)
+    beam_of = torch.arange(H, device=dev).repeat_interleave(cur)  # [H*cur] beam of each path token
+    t_of = torch.arange(cur, device=dev).repeat(H)  # [H*cur] depth of each path token
+    path_pos = n_real + t_of  # [G, H*cur]
+    tree_pos = (n_real + cur + torch.arange(d, device=dev).repeat_interleave(N)).expand(G, d * N)
+    roots, tt = tree_ancestry(tree.parents)
+    pp = (beam_of.unsqueeze(1) == beam_of) & (t_of <= t_of.unsqueeze(1))  # [H*cur, H*cur] own path, causal
+    tp = roots.flatten(1).unsqueeze(-1) == beam_of  # [G, dN, H*cur] a node sees its root beam's path
+    pt = torch.zeros(G, H * cur, d * N, dtype=torch.bool, device=dev)
+    new_vis = torch.cat([torch.cat([pp.expand(G, -1, -1), pt], -1), torch.cat([tp, tt], -1)], 1)  # [G, Q, Q]
+    Q, P = new_vis.shape[1], prompt_mask.shape[1]
+    prompt_vis = prompt_mask.bool().unsqueeze(1).expand(G, Q, P)  # new tokens see the non-pad prompt
+    tokens = torch.cat([path_tok, tree_tok], 1)
+    positions = torch.cat([path_pos, tree_pos], 1)
+    if cur == 0:
+        last = torch.full((H,), -1, device=dev)  # the prompt's last token (H == 1)
+    else:
+        last = torch.arange(H, device=dev) * cur + cur - 1
+    keep = torch.cat([last, H * cur + torch.arange(d * N, device=dev)])
+    if prompt_ids is None:
+        vis = torch.cat([prompt_vis, new_vis], -1)  # [G, Q, P + Q]
+    else:
+        i = torch.arange(P, device=dev)
+        causal = (i <= i.unsqueeze(1)) & prompt_mask.bool().unsqueeze(1) | (i == i.unsqueeze(1))  # [G, P, P]
+        top = torch.cat([causal, prompt_vis.new_zeros(G, P, Q)], -1)
+        vis = torch.cat([top, torch.cat([prompt_vis, new_vis], -1)], 1)  # [G, P + Q, P + Q]
+        tokens = torch.cat([prompt_ids, tokens], 1)
+        positions = torch.cat([prompt_positions(prompt_mask), positions], 1)
+        keep = keep + P
+    mask = torch.zeros(vis.shape, dtype=dtype, device=dev).masked_fill_(~vis, torch.finfo(dtype).min)
+    return tokens, positions, mask.unsqueeze(1), keep
+
+
+def cache_rows(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor | None = None) -> DynamicCache:
+    """A fresh cache holding the prompt KV `kv` (one (keys, values) per layer) of `rows` only."""
+    if rows is not None:
+        kv = [(k[rows], v[rows]) for k, v in kv]
+    return DynamicCache(ddp_cache_data=kv)
+
+
+def cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def tree_forward(model, vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes: torch.Tensor,
+                 tree: DraftTree, cache: DynamicCache | None = None, prompt_ids: torch.Tensor | None = None):
+    """ONE target pass over beam paths + tree (+ the prompt when `cache` is None).
+
+    Returns log-probs after each beam `[G, H, V]`, after each tree node `[G, d, N, V]`, and the cache
+    cut back to the prompt (`DynamicCache.crop(-n)` removes the last n tokens in transformers 5.24).
+    """
+    G, H, _ = beam_codes.shape
+    _, d, N = tree.codes.shape
+    tokens, positions, mask, keep = tree_inputs(vocab, prompt_mask, beam_codes, tree, prompt_ids,
+                                                dtype=model.dtype)
+    out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
+                use_cache=True, logits_to_keep=keep)
+    logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [G, H + dN, V]
+    new = tokens.shape[1] - (prompt_ids.shape[1] if prompt_ids is not None else 0)
+    out.cache.crop(-new)
+    return logprobs[:, :H], logprobs[:, H:].view(G, d, N, logprobs.shape[-1]), out.cache

@@ -1,0 +1,259 @@
+"""Speculative beam search: strict mode is target beam search exactly, relaxed mode is valid beam sampling."""
+
+import copy
+from functools import lru_cache
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from atspeed_rec.decoding.beam_search import beam_search, prompt_positions
+from atspeed_rec.decoding.sampling import beam_sample
+from atspeed_rec.decoding.speculative import accept_drafts, fill_beams, speculative_beam_search
+from atspeed_rec.decoding.tree import DraftTree, cache_rows, cache_tensors, tree_forward
+from atspeed_rec.models.vocab import CodeVocab
+from atspeed_rec.semantic_ids.trie import CodeTrie
+from random_models import random_ids, random_lm, random_prompts
+
+VOCAB = CodeVocab(levels=4, codebook_size=8)
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads cost 4x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@lru_cache(maxsize=None)
+def world(seed):
+    """A catalog of ~300 random IDs, a 2-layer target and a 1-layer draft (both random)."""
+    codes = random_ids(300, 4, 8, seed)
+    target, draft = random_lm(VOCAB.size, seed), random_lm(VOCAB.size, seed + 1000, layers=1)
+    return codes, CodeTrie(codes, 8, item_offset=1), target, draft
+
+
+def prompts(codes, batch, seed):
+    item_codes = torch.cat([torch.full((1, 4), -1), codes])  # row 0 = PAD
+    return random_prompts(item_codes, VOCAB, batch=batch, max_hist=5, seed=seed)
+
+
+def assert_same_as_beam_search(spec, ref):
+    assert torch.equal(spec.items, ref.items)
+    live = ref.scores > float("-inf")
+    assert torch.equal(spec.codes[live], ref.codes[live])
+    torch.testing.assert_close(spec.scores, ref.scores, atol=1e-5, rtol=2e-6)  # float32 noise on |S| ~ 10
+
+
+def target_scores(model, ids, mask, codes):
+    """The target's own cumulative log-prob `[B, K]` of each full ID `codes [B, K, L]` after its prompt."""
+    B, K, L = codes.shape
+    ids, mask = ids.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)
+    tokens = torch.cat([ids, VOCAB.tokens(codes.flatten(0, 1))], 1)
+    full = torch.cat([mask, mask.new_ones(B * K, L)], 1)
+    with torch.no_grad():
+        logits = model(input_ids=tokens, attention_mask=full, position_ids=prompt_positions(full)).logits
+    lp = torch.log_softmax(logits[:, -L - 1:-1].float(), -1)  # [B*K, L, V]
+    return lp.gather(-1, tokens[:, -L:].unsqueeze(-1)).sum((1, 2)).view(B, K)
+
+
+def assert_valid_distinct_sorted(result, trie, model, ids, mask):
+    items = result.items
+    assert (items > 0).all()
+    assert all(row.unique().numel() == row.numel() for row in items)
+    assert torch.equal(trie.codes_of(items), result.codes)
+    assert (result.scores[:, :-1] >= result.scores[:, 1:]).all()
+    torch.testing.assert_close(result.scores, target_scores(model, ids, mask, result.codes), atol=1e-4, rtol=0)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 3), k=st.sampled_from([1, 3, 10]), extra=st.sampled_from([0, 1, 7, 15]),
+       gamma=st.integers(1, 3), batch=st.sampled_from([1, 3]), self_draft=st.booleans())
+def test_strict_mode_returns_exactly_what_beam_search_returns(seed, k, extra, gamma, batch, self_draft):
+    codes, trie, target, draft = world(seed)
+    ids, mask = prompts(codes, batch, seed)
+    spec, stats = speculative_beam_search(target, target if self_draft else draft, trie, VOCAB, ids, mask,
+                                          num_beams=k, draft_beams=k + extra, gamma=gamma)
+    assert_same_as_beam_search(spec, beam_search(target, trie, VOCAB, ids, mask, num_beams=k))
+    assert (stats.accepted_steps + stats.rounds == 4).all()  # every round advances accepted + 1 codes
+    assert (stats.accepted_steps <= stats.drafted_levels).all()
+
+
+def test_a_draft_equal_to_the_target_is_accepted_at_every_level():
+    codes, trie, target, _ = world(0)
+    ids, mask = prompts(codes, 3, 0)
+    for k, n in [(1, 1), (3, 3), (10, 10), (3, 8)]:
+        _, stats = speculative_beam_search(target, target, trie, VOCAB, ids, mask, k, n, gamma=3)
+        assert stats.target_calls.tolist() == [1, 1, 1] and stats.accepted_steps.tolist() == [3, 3, 3]
+        assert stats.draft_calls == 3  # prefill + 2 tree levels, the whole batch at once
+    for k in [1, 3, 10]:  # relaxed: with N == K the draft's tree is the target's beam sample
+        _, stats = speculative_beam_search(target, target, trie, VOCAB, ids, mask, k, k, gamma=3, mode="relaxed",
+                                           generator=torch.Generator().manual_seed(k))
+        assert stats.accepted_steps.tolist() == [3, 3, 3]
+
+
+def test_an_adversarial_draft_still_gives_the_exact_strict_output():
+    codes, trie, target, _ = world(1)
+    anti = copy.deepcopy(target)
+    anti.lm_head.weight.data.neg_()  # prefers the target's least likely codes
+    ids, mask = prompts(codes, 3, 1)
+    for k in [1, 3, 10]:
+        spec, stats = speculative_beam_search(target, anti, trie, VOCAB, ids, mask, k, k, gamma=3)
+        assert_same_as_beam_search(spec, beam_search(target, trie, VOCAB, ids, mask, k))
+        if k < 8:  # (with K >= 8 the draft keeps all 8 first codes, whatever it prefers)
+            assert stats.accepted_steps.sum() * 4 < stats.drafted_levels.sum()  # mostly rejected
+
+
+def test_items_sharing_long_prefixes_are_found_like_beam_search_finds_them():
+    g = torch.Generator().manual_seed(5)
+    shared = torch.tensor([[a, b, c, x] for a, b, c in [(0, 0, 0), (1, 2, 3), (1, 2, 4)] for x in range(8)])
+    codes = torch.unique(torch.cat([shared, torch.randint(0, 8, (40, 4), generator=g)]), dim=0)
+    trie = CodeTrie(codes, 8, item_offset=1)
+    _, _, target, draft = world(2)
+    ids, mask = prompts(codes, 3, 5)
+    for d, k, n, gamma in [(draft, 10, 10, 3), (draft, 10, 20, 2), (target, 10, 10, 3), (draft, 3, 5, 1)]:
+        spec, _ = speculative_beam_search(target, d, trie, VOCAB, ids, mask, k, n, gamma)
+        assert_same_as_beam_search(spec, beam_search(target, trie, VOCAB, ids, mask, k))
+        sampled, _ = speculative_beam_search(target, d, trie, VOCAB, ids, mask, k, n, gamma, mode="relaxed",
+                                             generator=torch.Generator().manual_seed(k))
+        assert_valid_distinct_sorted(sampled, trie, target, ids, mask)
+
+
+def test_relaxed_acceptance_frequency_is_min_of_one_and_p_over_q():
+    p = torch.tensor([0.05, 0.30, 0.20, 0.45, 1e-4])
+    q = torch.tensor([0.10, 0.15, 0.20, 0.50, 0.05])
+    trials = 20_000
+    g = torch.Generator().manual_seed(0)
+    accepted = accept_drafts(p.log().expand(trials, -1), q.log().expand(trials, -1), g).float().mean(0)
+    torch.testing.assert_close(accepted, (p / q).clamp(max=1), atol=0.02, rtol=0)  # 4+ sigma at 20k trials
+
+
+def test_rejected_slots_are_refilled_from_the_residual_first():
+    p = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0])
+    q = torch.tensor([0.1, 0.1, 0.4, 0.4, 0.0])
+    residual = (p - q).clamp(min=0)  # [0.3, 0.2, 0, 0, 0]
+    accepted = torch.tensor([False, False, True, False, False])
+    trials = 20_000
+    flat, valid = fill_beams(accepted.expand(trials, -1), residual.expand(trials, -1), p.log().expand(trials, -1),
+                             k=5, generator=torch.Generator().manual_seed(0))
+    assert (flat[:, 0] == 2).all()  # the accepted pair first
+    first = torch.bincount(flat[:, 1], minlength=5).float() / trials  # then the residual, ∝ max(p - q, 0)
+    torch.testing.assert_close(first, residual / residual.sum(), atol=0.02, rtol=0)
+    assert (flat[:, 3] == 3).all() and valid[:, :4].all() and not valid[:, 4].any()  # then p; p = 0 stays empty
+
+
+def random_tree(batch, beams, depth, width, seed):
+    g = torch.Generator().manual_seed(seed)
+    parents = torch.stack([torch.randint(0, beams if j == 0 else width, (batch, width), generator=g)
+                           for j in range(depth)], 1)
+    codes = torch.randint(0, 8, (batch, depth, width), generator=g)
+    return DraftTree(parents, codes, torch.ones_like(codes, dtype=torch.bool), [])
+
+
+def path_logprobs(model, ids, mask, tokens):
+    """Log-probs after the last of `tokens [B, t]` appended to each prompt, by a plain causal forward."""
+    full = torch.cat([mask, mask.new_ones(tokens.shape)], 1)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([ids, tokens], 1), attention_mask=full,
+                       position_ids=prompt_positions(full)).logits
+    return torch.log_softmax(logits[:, -1].float(), -1)
+
+
+def test_the_one_pass_tree_forward_equals_a_forward_per_root_to_node_path():
+    codes, _, target, _ = world(3)
+    ids, mask = prompts(codes, 2, 3)  # left-padded, different lengths
+    width = 4
+    for cur, beams, depth in [(0, 1, 3), (1, 3, 2), (2, 3, 1)]:
+        beam_codes = torch.randint(0, 8, (2, beams, cur), generator=torch.Generator().manual_seed(cur))
+        tree = random_tree(2, beams, depth, width, seed=cur)
+        with torch.no_grad():
+            _, _, cache = tree_forward(target, VOCAB, mask, beam_codes[:, :1, :0], DraftTree.empty(2, width),
+                                       prompt_ids=ids)  # the prompt alone, as the first round leaves it
+            assert cache.get_seq_length() == ids.shape[1]
+            if cur == 0:
+                lp_beams, lp_tree, _ = tree_forward(target, VOCAB, mask, beam_codes, tree, prompt_ids=ids)
+            else:
+                cache = cache_rows(cache_tensors(cache))  # the prompt's KV, as later rounds use it
+                lp_beams, lp_tree, _ = tree_forward(target, VOCAB, mask, beam_codes, tree, cache)
+        for b in range(2):
+            for h in range(beams):
+                path = VOCAB.tokens(beam_codes[b, h])
+                if cur:
+                    ref = path_logprobs(target, ids[b:b + 1], mask[b:b + 1], path.unsqueeze(0))
+                    torch.testing.assert_close(lp_beams[b, h], ref[0], atol=1e-5, rtol=0)
+            for j in range(depth):
+                for n in range(width):
+                    chain, node = [], n
+                    for level in range(j, -1, -1):  # walk up to the root beam
+                        chain.insert(0, VOCAB.tokens(tree.codes[b, level, node], cur + level))
+                        node = tree.parents[b, level, node]
+                    tokens = torch.cat([VOCAB.tokens(beam_codes[b, node]), torch.stack(chain)]).unsqueeze(0)
+                    ref = path_logprobs(target, ids[b:b + 1], mask[b:b + 1], tokens)
+                    torch.testing.assert_close(lp_tree[b, j, n], ref[0], atol=1e-5, rtol=0)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 3), k=st.sampled_from([1, 3, 10]), extra=st.sampled_from([0, 5, 15]),
+       gamma=st.integers(1, 3), batch=st.sampled_from([1, 3]), self_draft=st.booleans())
+def test_relaxed_items_are_always_valid_distinct_and_sorted_by_target_score(seed, k, extra, gamma, batch,
+                                                                            self_draft):
+    codes, trie, target, draft = world(seed)
+    ids, mask = prompts(codes, batch, seed)
+    result, stats = speculative_beam_search(target, target if self_draft else draft, trie, VOCAB, ids, mask,
+                                            num_beams=k, draft_beams=k + extra, gamma=gamma, mode="relaxed",
+                                            generator=torch.Generator().manual_seed(seed))
+    assert_valid_distinct_sorted(result, trie, target, ids, mask)
+    assert (stats.accepted_steps + stats.rounds == 4).all()
+
+
+def test_beam_sampling_returns_valid_distinct_items_sorted_by_target_score():
+    codes, trie, target, _ = world(0)
+    ids, mask = prompts(codes, 3, 0)
+    for k in [1, 10]:
+        result = beam_sample(target, trie, VOCAB, ids, mask, k, torch.Generator().manual_seed(k))
+        assert_valid_distinct_sorted(result, trie, target, ids, mask)
+
+
+def test_requests_that_finish_in_different_rounds_each_get_their_own_result():
+    codes, trie, target, draft = world(0)
+    ids, mask = prompts(codes, 3, 0)
+    spec, stats = speculative_beam_search(target, draft, trie, VOCAB, ids, mask, num_beams=1, draft_beams=1,
+                                          gamma=1)
+    assert stats.target_calls.unique().numel() > 1
+    assert_same_as_beam_search(spec, beam_search(target, trie, VOCAB, ids, mask, num_beams=1))
+
+
+def item_distribution(model, trie, codes, ids, mask):
+    """Exact probability of each item under target sampling with K = 1: the product over levels of
+    p(c_t | prefix) renormalised over the codes the trie allows there."""
+    n = codes.shape[0]
+    tokens = torch.cat([ids.expand(n, -1), VOCAB.tokens(codes)], 1)
+    full = torch.cat([mask.expand(n, -1), mask.new_ones(n, 4)], 1)
+    with torch.no_grad():
+        logits = model(input_ids=tokens, attention_mask=full, position_ids=prompt_positions(full)).logits
+    lp = torch.log_softmax(logits[:, -5:-1].float(), -1)  # [n, L, V]
+    total = torch.zeros(n)
+    for t in range(4):
+        code_lp = VOCAB.code_logits(lp[:, t], t).masked_fill(~trie.allowed_after(codes[:, :t]), float("-inf"))
+        total += code_lp.gather(1, codes[:, t:t + 1]).squeeze(1) - code_lp.logsumexp(-1)
+    return total.exp()
+
+
+def test_relaxed_mode_with_one_beam_samples_items_exactly_as_the_target_does():
+    g = torch.Generator().manual_seed(7)
+    codes = torch.unique(torch.randint(0, 3, (40, 4), generator=g), dim=0)[:24]  # few items: dense probabilities
+    trie = CodeTrie(codes, 8, item_offset=1)
+    _, _, target, draft = world(1)
+    ids, mask = prompts(codes, 1, 7)
+    exact = item_distribution(target, trie, codes, ids, mask)
+    trials = 4000
+    ids, mask = ids.expand(trials, -1), mask.expand(trials, -1)
+    for result in [speculative_beam_search(target, draft, trie, VOCAB, ids, mask, 1, 1, gamma=3, mode="relaxed",
+                                           generator=g)[0],
+                   beam_sample(target, trie, VOCAB, ids, mask, 1, g)]:
+        freq = torch.bincount(result.items.flatten() - 1, minlength=codes.shape[0]).float() / trials
+        torch.testing.assert_close(freq, exact, atol=0.03, rtol=0)  # one item's std <= 0.008
