@@ -114,6 +114,12 @@ def apply() -> None:
     import recbole.data.dataset.dataset as dataset
     import recbole.trainer.trainer as trainer
 
+    import recbole.model.sequential_recommender  # noqa: F401  (imports sine.py, see below)
+
+    # RecBole's sine.py switches autograd anomaly detection on for the whole process when it is
+    # imported (any sequential model imports it): every backward pass then runs several times
+    # slower. Importing it here, once, and switching detection back off ends that.
+    torch.autograd.set_detect_anomaly(False)
     configurator.Config._init_device = _init_device
     dataset.pd = _recbole_pandas()
     trainer.torch = _recbole_torch()

@@ -12,8 +12,11 @@ from atspeed_rec import compat
 
 
 def test_numpy_aliases_recbole_needs_exist():
-    assert np.float is float and np.float_ is np.float64 and np.complex_ is np.complex128
-    assert np.bool8 is np.bool_ and np.unicode_ is np.str_
+    # RecBole's Config rebinds some of them (np.float = np.float_), so check what they mean
+    for name in ("float", "int", "bool", "object", "str", "long", "complex", "unicode"):
+        assert hasattr(np, name), name
+    assert np.dtype(np.float) == np.float64 and np.float_ is np.float64
+    assert np.complex_ is np.complex128 and np.unicode_ is np.str_ and np.bool8 is np.bool_
 
 
 def test_recbole_trainer_reads_its_own_pickled_checkpoints(tmp_path):
@@ -59,3 +62,10 @@ def test_item_titles_starting_with_a_quote_load_intact(synth_root, in_tmp_dir):
     assert '"Quoted"' in set(tokens)
     brands = set(data.field2id_token["brand"])
     assert {"brand0", "brand1", "brand2", "brand3"} <= brands
+
+
+def test_recbole_does_not_leave_autograd_anomaly_detection_on():
+    from atspeed_rec.recbole_glue.registry import get_model_class
+
+    get_model_class("SASRec")  # imports RecBole's sequential models, sine.py among them
+    assert not torch.is_anomaly_enabled()
