@@ -28,9 +28,10 @@ _RECBOLE_MODEL_YAMLS = Path(recbole.__file__).parent / "properties" / "model"
 
 def project_models() -> dict[str, type]:
     """Name -> class of the models this project defines (imported here: they import decoding too)."""
+    from atspeed_rec.models.atspeed import AtSpeedR, AtSpeedS
     from atspeed_rec.models.genrec import GenRec
 
-    return {"GenRec": GenRec}
+    return {"GenRec": GenRec, "AtSpeedS": AtSpeedS, "AtSpeedR": AtSpeedR}
 
 
 def recbole_models() -> dict[str, str]:

@@ -30,16 +30,27 @@ from atspeed_rec.recbole_glue.registry import get_model_class, get_trainer_class
 PROPERTIES = Path(__file__).resolve().parents[2] / "properties"
 
 
-def property_files(model: str, dataset: str, extra: list[str] | None = None) -> list[str]:
-    """overall.yaml, then the dataset's and the model's files when present, then the user's."""
+def property_files(model_class: type, dataset: str, extra: list[str] | None = None) -> list[str]:
+    """overall.yaml, the dataset's file, the model's (after those of the models it builds on,
+    `property_parents`), when present, then the user's."""
+    models = [*getattr(model_class, "property_parents", ()), model_class.__name__]
     files = [PROPERTIES / "overall.yaml", PROPERTIES / "dataset" / f"{dataset}.yaml",
-             PROPERTIES / "model" / f"{model}.yaml"]
-    chosen = [str(f) for f in files if f.is_file()]
+             *[PROPERTIES / "model" / f"{name}.yaml" for name in models]]
     for f in extra or []:
         if not Path(f).is_file():
             raise ConfigError(f"config file '{f}' does not exist; fix the path given to --config_files")
-        chosen.append(str(f))
-    return chosen
+    return [str(f) for f in [*files, *(extra or [])] if Path(f).is_file() and _has_properties(f)]
+
+
+def _has_properties(path) -> bool:
+    """False for a file of comments only (RecBole cannot merge it); an error for a non-mapping."""
+    try:
+        content = yaml.load(Path(path).read_text(), Loader=yaml.FullLoader)  # as RecBole reads it
+    except yaml.YAMLError as err:
+        raise ConfigError(f"property file {path} is not valid YAML: {err}") from None
+    if content is not None and not isinstance(content, dict):
+        raise ConfigError(f"property file {path} must hold `key: value` lines, not {type(content).__name__}")
+    return content is not None
 
 
 @contextlib.contextmanager
@@ -55,7 +66,7 @@ def _argv_hidden():
 
 def build_config(model: str, dataset: str, config_files=None, overrides=None) -> Config:
     model_class = get_model_class(model)
-    files = property_files(model_class.__name__, dataset, config_files)
+    files = property_files(model_class, dataset, config_files)
     try:
         with _argv_hidden():
             config = Config(model=model_class, dataset=dataset, config_file_list=files,

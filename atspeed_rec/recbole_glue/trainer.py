@@ -6,16 +6,19 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 
 from atspeed_rec.recbole_glue.checkpoint import checkpoint_path, config_key, load_checkpoint, save_checkpoint
+from atspeed_rec.recbole_glue.metrics import SpecCollector
 
 
 class SafeCheckpointTrainer(Trainer):
     """Best weights go to `<checkpoint_dir>/<Model>-<dataset>-<config hash>.safetensors`.
 
-    The model class names the properties its weights depend on (`checkpoint_keys`).
+    The model class names the properties its weights depend on (`checkpoint_keys`). Evaluation
+    also collects a speculative decoder's statistics (`SpecCollector`) when the model has them.
     """
 
     def __init__(self, config, model):
         super().__init__(config, model)
+        self.eval_collector = SpecCollector(config)
         self.checkpoint_keys = type(model).checkpoint_keys
         self.saved_model_file = str(checkpoint_path(config, config["model"], self.checkpoint_keys))
 

@@ -1,0 +1,68 @@
+"""AtSpeedS / AtSpeedR through RecBole: target reuse, strict equivalence, speed metrics."""
+
+import json
+
+import torch
+from recbole.data import create_dataset, data_preparation
+
+from atspeed_rec.decoding.beam_search import beam_search
+from atspeed_rec.models.atspeed import AtSpeedS
+from atspeed_rec.recbole_glue.checkpoint import load_checkpoint
+from atspeed_rec.recbole_glue.cli import main
+from atspeed_rec.recbole_glue.runner import build_config
+
+SMALL = {"n_layers": 1, "hidden_size": 32, "n_heads": 2, "inner_size": 64, "sid_codebook_size": 8,
+         "sid_source": "collaborative", "draft_hidden_size": 16, "draft_inner_size": 32,
+         "epochs": 2, "draft_epochs": 1, "speedup_batches": 2}
+SPEC_METRICS = {"speedup", "accepted_steps", "target_calls", "acceptance_rate", "latency_ms"}
+
+
+def run(root, model, out, **extra):
+    args = [f"--{k}={v}" for k, v in {**SMALL, **extra}.items()]
+    return main([f"--model={model}", "--dataset=synth", f"--data_path={root}",
+                 f"--config_files={root / 'synth.yaml'}", f"--result_file={out}", *args])
+
+
+def test_atspeed_s_reports_speed_metrics_and_reuses_its_target(synth_root, in_tmp_dir):
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "s.json") == 0
+    result = json.loads((in_tmp_dir / "s.json").read_text())
+    assert SPEC_METRICS <= set(result["test"]) and SPEC_METRICS <= set(result["best_valid"])
+    test = result["test"]
+    assert test["speedup"] > 0 and test["latency_ms"] > 0
+    assert 1 <= test["target_calls"] <= 4  # L = 4 codes: at most one target call per code
+    assert 0 <= test["acceptance_rate"] <= 1
+    target = list((in_tmp_dir / "saved").glob("GenRec-synth-*.safetensors"))
+    assert len(target) == 1
+    stamp = target[0].stat().st_mtime_ns
+
+    # AtSpeedR with the same target properties trains no new target.
+    assert run(synth_root, "AtSpeedR", in_tmp_dir / "r.json") == 0
+    assert target[0].stat().st_mtime_ns == stamp
+    assert len(list((in_tmp_dir / "saved").glob("GenRec-synth-*.safetensors"))) == 1
+    relaxed = json.loads((in_tmp_dir / "r.json").read_text())["test"]
+    assert SPEC_METRICS <= set(relaxed) and 0 <= relaxed["ndcg@10"] <= 1
+
+
+def test_strict_decoding_equals_target_beam_search_for_every_test_user(synth_root, in_tmp_dir):
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "s.json") == 0
+    config = build_config("AtSpeedS", "synth", [str(synth_root / "synth.yaml")],
+                          {"data_path": str(synth_root), **SMALL})
+    train, _, test = data_preparation(config, create_dataset(config))
+    model = AtSpeedS(config, train._dataset)
+    load_checkpoint(model, next((in_tmp_dir / "saved").glob("AtSpeedS-synth-*.safetensors")))
+    model.eval()
+    users = 0
+    with torch.no_grad():
+        for batch, *_ in test:
+            ids, mask = model.target.prompt(batch)
+            spec, _ = model.speculative(ids, mask)
+            ref = beam_search(model.target.lm, model.target.trie, model.target.vocab, ids, mask, model.num_beams)
+            assert torch.equal(spec.items, ref.items)
+            torch.testing.assert_close(spec.scores, ref.scores, atol=1e-5, rtol=2e-6)
+            users += len(ids)
+    assert users == train._dataset.user_num - 1
+
+
+def test_fewer_draft_beams_than_target_beams_is_refused(synth_root, in_tmp_dir, capsys):
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "x.json", draft_beams=5) == 2
+    assert "draft_beams=5 < num_beams=20" in capsys.readouterr().err
