@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 from recbole.data import create_dataset, data_preparation
 
