@@ -76,13 +76,17 @@ def select_top_k(beam_scores: torch.Tensor, code_lp: torch.Tensor, k: int):
 
 @torch.no_grad()
 def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor, num_beams: int) -> BeamResult:
-    """Top-`num_beams` valid items for each left-padded prompt `input_ids [B, P]`."""
+                attention_mask: torch.Tensor, num_beams: int, select=select_top_k) -> BeamResult:
+    """Top-`num_beams` valid items for each left-padded prompt `input_ids [B, P]`.
+
+    `select(beam_scores, code_lp, k) -> (parent, code, score)` keeps k (parent, code) pairs per
+    step: the top k here, k sampled without replacement for beam sampling (`sampling.py`).
+    """
     B, K, L = input_ids.shape[0], num_beams, vocab.levels
     logprobs, cache = prefill(model, input_ids, attention_mask)  # [B, V]
     nodes = trie.root_nodes(B, 1)  # [B, 1]
     code_lp = masked_code_logprobs(logprobs.unsqueeze(1), vocab, trie, nodes, 0)  # [B, 1, C]
-    parent, code, scores = select_top_k(input_ids.new_zeros(B, 1, dtype=torch.float), code_lp, K)
+    parent, code, scores = select(input_ids.new_zeros(B, 1, dtype=torch.float), code_lp, K)
     codes = code.unsqueeze(-1)  # [B, K, 1]
     alive = scores > NEG_INF
     nodes = torch.where(alive, trie.step(nodes.expand(B, K), code, 0), 0)  # [B, K]
@@ -94,7 +98,7 @@ def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor
         tokens = vocab.tokens(codes[..., -1], level - 1).flatten()  # [B*K]
         logprobs, cache = decode_one_token(model, tokens, mask, cache)  # [B*K, V]
         code_lp = masked_code_logprobs(logprobs.view(B, K, -1), vocab, trie, nodes, level)
-        parent, code, scores = select_top_k(scores, code_lp, K)
+        parent, code, scores = select(scores, code_lp, K)
         codes = torch.cat([codes.gather(1, parent.unsqueeze(-1).expand(-1, -1, level)),
                            code.unsqueeze(-1)], dim=-1)  # [B, K, level + 1]
         alive = scores > NEG_INF

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from atspeed_rec.decoding.beam_search import (NEG_INF, BeamResult, decode_one_token, masked_code_logprobs,
-                                              prefill)
+from atspeed_rec.decoding.beam_search import NEG_INF, BeamResult, beam_search
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -54,33 +53,10 @@ def sort_beams(codes: torch.Tensor, scores: torch.Tensor, items: torch.Tensor):
     return codes.gather(1, order.unsqueeze(-1).expand_as(codes)), scores.gather(1, order), items.gather(1, order)
 
 
-@torch.no_grad()
 def beam_sample(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 num_beams: int, generator=None) -> BeamResult:
     """K distinct valid items per prompt by trie-constrained beam sampling, sorted by score."""
-    B, K, L = input_ids.shape[0], num_beams, vocab.levels
-    logprobs, cache = prefill(model, input_ids, attention_mask)  # [B, V]
-    nodes = trie.root_nodes(B, 1)  # [B, 1]
-    code_lp = masked_code_logprobs(logprobs.unsqueeze(1), vocab, trie, nodes, 0)  # [B, 1, C]
-    parent, code, scores = sample_top_k(code_lp.new_zeros(B, 1), code_lp, K, generator)
-    codes = code.unsqueeze(-1)  # [B, K, 1]
-    alive = scores > NEG_INF
-    nodes = torch.where(alive, trie.step(nodes.expand(B, K), code, 0), 0)  # [B, K]
-    cache.batch_repeat_interleave(K)
-    mask = attention_mask.repeat_interleave(K, dim=0)  # [B*K, P]
-    batch_base = torch.arange(B, device=input_ids.device).unsqueeze(-1) * K  # [B, 1]
-    for level in range(1, L):
-        mask = torch.cat([mask, mask.new_ones(B * K, 1)], dim=1)
-        tokens = vocab.tokens(codes[..., -1], level - 1).flatten()  # [B*K]
-        logprobs, cache = decode_one_token(model, tokens, mask, cache)  # [B*K, V]
-        code_lp = masked_code_logprobs(logprobs.view(B, K, -1), vocab, trie, nodes, level)
-        parent, code, scores = sample_top_k(scores, code_lp, K, generator)
-        codes = torch.cat([codes.gather(1, parent.unsqueeze(-1).expand(-1, -1, level)),
-                           code.unsqueeze(-1)], dim=-1)  # [B, K, level + 1]
-        alive = scores > NEG_INF
-        nodes = torch.where(alive, trie.step(nodes.gather(1, parent), code, level), 0)
-        if level < L - 1:
-            cache.reorder_cache((batch_base + parent).flatten())
-    items = torch.where(alive, nodes, -1)
-    codes, scores, items = sort_beams(codes, scores, items)
-    return BeamResult(items=items, codes=codes, scores=scores, forward_calls=L)
+    out = beam_search(model, trie, vocab, input_ids, attention_mask, num_beams,
+                      select=lambda scores, code_lp, k: sample_top_k(scores, code_lp, k, generator))
+    codes, scores, items = sort_beams(out.codes, out.scores, out.items)
+    return BeamResult(items=items, codes=codes, scores=scores, forward_calls=out.forward_calls)
