@@ -6,7 +6,6 @@ the text-source test needs the optional encoder package and is skipped without i
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import time
@@ -19,6 +18,7 @@ import atspeed_rec  # noqa: F401  (RecBole compatibility patches, before any Con
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 
+from atspeed_rec.recbole_glue.runner import argv_hidden
 from atspeed_rec.semantic_ids.builder import SemanticIDs, build_semantic_ids
 from atspeed_rec.semantic_ids import embeddings
 from atspeed_rec.semantic_ids.embeddings import collaborative_embeddings, item_texts
@@ -26,17 +26,6 @@ from atspeed_rec.semantic_ids.quantize import residual_kmeans
 
 N_ITEMS, N_USERS = 40, 30
 KINDS = ["lipstick", "nail polish", "shampoo", "face cream"]
-
-
-@contextlib.contextmanager
-def _plain_argv():
-    """RecBole's Config parses sys.argv: hide pytest's arguments from it."""
-    saved = sys.argv
-    sys.argv = saved[:1]
-    try:
-        yield
-    finally:
-        sys.argv = saved
 
 
 def _sequences(shuffle_held_out: bool) -> list[list[int]]:
@@ -77,7 +66,7 @@ def _load(root, name: str):
         "train_neg_sample_args": None, "MAX_ITEM_LIST_LENGTH": 20, "show_progress": False,
         "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
     }
-    with _plain_argv():
+    with argv_hidden():
         config = Config(model="SASRec", dataset=name, config_dict=config_dict)
     dataset = create_dataset(config)
     train_data, _, _ = data_preparation(config, dataset)

@@ -54,7 +54,7 @@ def _has_properties(path) -> bool:
 
 
 @contextlib.contextmanager
-def _argv_hidden():
+def argv_hidden():
     """RecBole's Config parses all of sys.argv; the runner passes everything explicitly."""
     saved = sys.argv
     sys.argv = saved[:1]
@@ -68,7 +68,7 @@ def build_config(model: str, dataset: str, config_files=None, overrides=None) ->
     model_class = get_model_class(model)
     files = property_files(model_class, dataset, config_files)
     try:
-        with _argv_hidden():
+        with argv_hidden():
             config = Config(model=model_class, dataset=dataset, config_file_list=files,
                             config_dict=dict(overrides or {}))
     except (ValueError, NotImplementedError) as err:  # RecBole's own checks, clear but raised raw
