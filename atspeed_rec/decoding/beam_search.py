@@ -65,13 +65,19 @@ def select_top_k(beam_scores: torch.Tensor, code_lp: torch.Tensor, k: int):
     """
     C = code_lp.shape[-1]
     total = (beam_scores.unsqueeze(-1) + code_lp).flatten(1)  # [B, H * C]
-    k_eff = min(k, total.shape[1])
-    score, flat = total.topk(k_eff, dim=-1)
-    if k_eff < k:  # fewer candidates than beams: pad with empty beams
-        pad = (score.shape[0], k - k_eff)
-        score = torch.cat([score, score.new_full(pad, NEG_INF)], dim=1)
-        flat = torch.cat([flat, flat.new_zeros(pad)], dim=1)
+    score, flat = padded_topk(total, k)
     return flat // C, flat % C, score
+
+
+def padded_topk(x: torch.Tensor, k: int):
+    """`topk` of `x [B, n]` that also works for k > n: missing slots get -inf and index 0."""
+    k_eff = min(k, x.shape[1])
+    values, index = x.topk(k_eff, dim=-1)
+    if k_eff < k:
+        pad = (x.shape[0], k - k_eff)
+        values = torch.cat([values, values.new_full(pad, NEG_INF)], dim=1)
+        index = torch.cat([index, index.new_zeros(pad)], dim=1)
+    return values, index
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from atspeed_rec.decoding.beam_search import NEG_INF, BeamResult, beam_search
+from atspeed_rec.decoding.beam_search import NEG_INF, BeamResult, beam_search, padded_topk
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -27,12 +27,7 @@ def gumbel_top_k(logits: torch.Tensor, k: int, generator=None):
     non-zero probability (those slots hold arbitrary indices).
     """
     keys = logits + gumbel(logits.shape, generator, logits.device)
-    k_eff = min(k, keys.shape[1])
-    top, flat = keys.topk(k_eff, dim=-1)
-    if k_eff < k:  # fewer candidates than slots: pad with empty ones
-        pad = (keys.shape[0], k - k_eff)
-        top = torch.cat([top, top.new_full(pad, NEG_INF)], dim=1)
-        flat = torch.cat([flat, flat.new_zeros(pad)], dim=1)
+    top, flat = padded_topk(keys, k)
     return flat, top > NEG_INF
 
 
