@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import socket
 import types
 
 import numpy as np
@@ -75,6 +76,14 @@ def _ddp(module, device_ids=None, **kwargs):
     )
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _loopback_interface() -> str:
+    """The name of the loopback network interface (`lo` on Linux, `lo0` on macOS)."""
+    return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), "lo")
+
+
 def _init_device(self) -> None:
     """RecBole's Config._init_device, with gloo instead of a hard-coded nccl when there is no CUDA."""
     cfg = self.final_config_dict
@@ -87,6 +96,10 @@ def _init_device(self) -> None:
         cfg["device"] = torch.device("cuda") if use_cuda else torch.device("cpu")
         return
     rank = cfg["local_rank"]
+    if not use_cuda and cfg["ip"] in LOOPBACK:
+        # Gloo binds to the address the host name resolves to; on machines where that is an
+        # interface that drops traffic, the ranks never meet and the run hangs. One machine: loopback.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
             backend="nccl" if use_cuda else "gloo",

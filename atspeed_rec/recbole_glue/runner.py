@@ -8,6 +8,7 @@ RecBole's own DDP path (`local_rank`, `world_size`, ... in the config), on gloo 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -166,6 +167,11 @@ def run_single(model: str, dataset: str, config_files=None, overrides=None, save
         "config": _jsonable(dict(config.final_config_dict)),
     }
     if distributed:
+        # Free the DDP model before the process group: a Reducer that outlives
+        # destroy_process_group() joins gloo's worker threads in its destructor and can hang.
+        torch.distributed.barrier()
+        del trainer, net
+        gc.collect()
         torch.distributed.destroy_process_group()
     return result
 
