@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 
 from atspeed_rec.errors import ConfigError
 
@@ -44,8 +44,13 @@ def _atomic(path: Path, write) -> None:
 def save_checkpoint(module: torch.nn.Module, path, meta: dict) -> None:
     """Weights (safetensors) and `meta` (JSON sidecar `<path>.json`), each replaced atomically."""
     path = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    _atomic(path, lambda tmp: save_file(state, str(tmp)))
+    # safetensors' save_model stores tied weights (a draft's shared embeddings) once
+    _atomic(path, lambda tmp: save_model(module, str(tmp)))
+    write_sidecar(path, meta)
+
+
+def write_sidecar(path, meta: dict) -> None:
+    """The JSON sidecar `<path>.json` of a checkpoint, replaced atomically."""
     _atomic(Path(f"{path}.json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1, default=str)))
 
 
@@ -54,10 +59,9 @@ def load_checkpoint(module: torch.nn.Module, path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
-    state = load_file(str(path), device=str(next(module.parameters()).device))
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing, unexpected = load_model(module, str(path), strict=False, device=str(next(module.parameters()).device))
     if missing or unexpected:
-        raise ConfigError(f"checkpoint {path} does not fit this model (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}): it was built with other properties")
+        raise ConfigError(f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}): it was built with other properties")
     sidecar = Path(f"{path}.json")
     return json.loads(sidecar.read_text()) if sidecar.is_file() else {}

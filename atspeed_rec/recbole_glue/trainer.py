@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
-from atspeed_rec.recbole_glue.checkpoint import checkpoint_path, config_key, load_checkpoint, save_checkpoint
+from atspeed_rec.recbole_glue.checkpoint import (checkpoint_path, config_key, load_checkpoint, save_checkpoint,
+                                                 write_sidecar)
 from atspeed_rec.recbole_glue.metrics import SpecCollector
 
 
@@ -34,9 +38,48 @@ class SafeCheckpointTrainer(Trainer):
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {path}")
 
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        if saved:
+            self.mark_complete(result)
+        return result
+
+    def fit_or_resume(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False,
+                      callback_fn=None):
+        """`fit`, unless this configuration's checkpoint is complete (reused as it is) or partial
+        (an interrupted run: training goes on from its last saved epoch)."""
+        meta = self.checkpoint_meta()
+        if meta.get("complete"):
+            load_checkpoint(self.model, self.saved_model_file)
+            self.logger.info(set_color("reusing", "blue") + f" the trained {meta['model']} {self.saved_model_file}")
+            return meta["best_valid_score"], meta.get("best_valid_result")
+        if meta:
+            load_checkpoint(self.model, self.saved_model_file)
+            self.start_epoch, self.best_valid_score = int(meta["epoch"]) + 1, float(meta["best_valid_score"])
+            self.logger.info(set_color("resuming", "blue") + f" {meta['model']} from epoch {self.start_epoch} "
+                             f"({self.saved_model_file})")
+        # this class's fit, not a subclass's stage orchestration that calls us
+        return SafeCheckpointTrainer.fit(self, train_data, valid_data, verbose, saved, show_progress, callback_fn)
+
+    def checkpoint_meta(self) -> dict:
+        side = Path(f"{self.saved_model_file}.json")
+        return json.loads(side.read_text()) if side.is_file() and Path(self.saved_model_file).is_file() else {}
+
+    def mark_complete(self, result) -> None:
+        """Record in the sidecar that training finished (a later run reuses, not resumes, it)."""
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        meta = self.checkpoint_meta()
+        if meta:
+            meta.update(complete=True, best_valid_score=float(result[0]),
+                        best_valid_result={k: float(v) for k, v in (result[1] or {}).items()})
+            write_sidecar(Path(self.saved_model_file), meta)
+
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if eval_data and load_best_model:
             path = model_file or self.saved_model_file
             load_checkpoint(self.model, path)
             self.logger.info(f"Loading model parameters from {path}")
+        if hasattr(self.model, "start_evaluation"):
+            self.model.start_evaluation()
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)

@@ -1,0 +1,172 @@
+"""Draft alignment: positions along beams, teacher data, every align_loss, and the staged AtSpeed runs."""
+
+import io
+import json
+import logging
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_model
+
+from atspeed_rec.alignment.losses import ALIGN_LOSSES, masked_log_softmax
+from atspeed_rec.alignment.objective import AlignConfig, align_loss
+from atspeed_rec.alignment.positions import allowed_along, beam_code_logits
+from atspeed_rec.alignment.teacher import SampleIndex, TeacherData, finish, select_samples, stored_positions
+from atspeed_rec.decoding.beam_search import beam_search, prompt_positions
+from atspeed_rec.models.vocab import CodeVocab
+from atspeed_rec.semantic_ids.trie import CodeTrie
+from random_models import random_ids, random_lm, random_prompts
+from test_atspeed import SMALL, run
+
+VOCAB = CodeVocab(levels=4, codebook_size=8)
+
+
+def world(seed=0):
+    codes = random_ids(200, 4, 8, seed)
+    trie = CodeTrie(codes, 8, item_offset=1)
+    item_codes = torch.cat([torch.full((1, 4), -1), codes])  # row 0 = PAD
+    ids, mask = random_prompts(item_codes, VOCAB, 3, 5, seed)
+    return trie, random_lm(VOCAB.size, seed), random_lm(VOCAB.size, seed + 1, layers=1), ids, mask
+
+
+def test_beam_code_logits_equal_one_forward_per_beam():
+    trie, target, _, ids, mask = world()
+    beams = beam_search(target, trie, VOCAB, ids, mask, 5)
+    got = beam_code_logits(target, VOCAB, ids, mask, beams.codes)  # [3, 5, 4, 8]
+    for b in range(3):
+        for k in range(5):
+            seq = torch.cat([ids[b], VOCAB.tokens(beams.codes[b, k])])
+            m = torch.cat([mask[b], torch.ones(4, dtype=mask.dtype)])
+            logits = target(input_ids=seq[None, :-1], attention_mask=m[None, :-1],
+                            position_ids=prompt_positions(m[None, :-1])).logits[0, -4:]  # [4, V]
+            want = torch.stack([VOCAB.code_logits(logits[l], l) for l in range(4)])
+            torch.testing.assert_close(got[b, k], want, atol=1e-4, rtol=1e-4)
+
+
+def test_teacher_data_round_trips_the_targets_distributions_through_its_packed_storage():
+    trie, target, _, ids, mask = world()
+    beams = beam_search(target, trie, VOCAB, ids, mask, 6)
+    codes = beams.codes
+    allowed = allowed_along(trie, codes)
+    logp = masked_log_softmax(beam_code_logits(target, VOCAB, ids, mask, codes), allowed)
+    stored = allowed & stored_positions(*codes.shape).unsqueeze(-1)
+    tensors = finish({"users": torch.tensor([1, 2, 3]), "lengths": torch.tensor([4, 4, 2]),
+                      "codes": codes.to(torch.int16), "valid": torch.ones(3, 6, dtype=torch.uint8),
+                      "counts": stored.flatten(1).sum(1), "values": logp[stored].half()})
+    data = TeacherData(tensors, n_users=5, max_len=6)
+    order = torch.tensor([2, 0])  # any subset, any order
+    batch = data.batch(order, trie)
+    assert torch.equal(batch.codes, codes[order]) and torch.equal(batch.allowed, allowed[order])
+    torch.testing.assert_close(batch.target_logp, logp[order].half().float())
+    assert data.lookup(torch.tensor([3, 1, 1]), torch.tensor([2, 4, 3])).tolist() == [2, 0, -1]
+
+
+def test_alignment_samples_are_each_users_longest_histories():
+    users = torch.tensor([1, 1, 1, 2, 2, 3])
+    lengths = torch.tensor([1, 2, 3, 1, 2, 1])
+    assert select_samples(lengths, users, 2).tolist() == [1, 2, 3, 4, 5]
+    assert select_samples(lengths, users, 1).tolist() == [2, 4, 5]
+    assert select_samples(lengths, users, 0).tolist() == list(range(6))
+
+
+class FakeTarget:
+    """The parts of GenRec that the alignment losses use, over a random LM and catalog."""
+    USER_ID, ITEM_SEQ_LEN, POS_ITEM_ID = "user_id", "item_length", "item_id"
+
+    def __init__(self, trie, lm, ids, mask):
+        self.trie, self.lm, self.vocab, self._prompt = trie, lm, VOCAB, (ids, mask)
+        self.item_codes = torch.cat([torch.full((1, 4), -1), trie.codes])
+
+    def prompt(self, inter):
+        return self._prompt
+
+
+@pytest.mark.parametrize("name", [n for n in ALIGN_LOSSES if n != "none"])
+def test_every_align_loss_is_finite_and_trains_the_draft_only(name):
+    trie, target, draft, ids, mask = world()
+    fake = FakeTarget(trie, target, ids, mask)
+    beams = beam_search(target, trie, VOCAB, ids, mask, 4)
+    allowed = allowed_along(trie, beams.codes)
+    logp = masked_log_softmax(beam_code_logits(target, VOCAB, ids, mask, beams.codes), allowed)
+    stored = allowed & stored_positions(*beams.codes.shape).unsqueeze(-1)
+    teacher = TeacherData(finish({"users": torch.arange(3), "lengths": torch.full((3,), 5),
+                                  "codes": beams.codes, "valid": torch.ones(3, 4), "counts": stored.flatten(1).sum(1),
+                                  "values": logp[stored].half()}), n_users=3, max_len=5)
+    cfg = AlignConfig(name=name, k=4, k_train=4)
+    inter = {"item_id": torch.tensor([1, 7, 30])}
+    loss = align_loss(cfg, fake, draft, inter, teacher, torch.arange(3))
+    assert torch.isfinite(loss) and loss > 0
+    target.zero_grad(), draft.zero_grad()
+    loss.backward()
+    assert all(p.grad is None for p in target.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in draft.parameters())
+
+
+def test_the_draft_that_equals_the_target_has_zero_atspeed_losses():
+    trie, target, _, ids, mask = world()
+    fake = FakeTarget(trie, target, ids, mask)
+    index = SampleIndex(torch.arange(3), torch.full((3,), 5), 3, 5)
+    for name in ("tvd", "wordkd", "distillspec"):  # computed online from the same model: exactly 0
+        loss = align_loss(AlignConfig(name=name, k=4, k_train=4), fake, target, {"item_id": torch.tensor([1, 2, 3])},
+                          index, torch.arange(3))
+        assert loss.item() == pytest.approx(0.0, abs=1e-6), name
+
+
+# ---- staged runs through the runner --------------------------------------------------------------
+def stage_files(saved):
+    return {p.name: p.stat().st_mtime_ns for p in saved.glob("*.safetensors")}
+
+
+def plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)  # without RecBole's colours
+
+
+@pytest.fixture
+def log():
+    """What RecBole's (root) logger says during the test."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler), root.setLevel(logging.INFO)  # RecBole's basicConfig is a no-op under pytest
+    yield stream
+    root.removeHandler(handler), root.setLevel(level)
+
+
+def test_a_rerun_reuses_every_cached_stage(synth_root, in_tmp_dir, log):
+    assert run(synth_root, "AtSpeedR", in_tmp_dir / "a.json") == 0
+    first = stage_files(in_tmp_dir / "saved")
+    assert {n.split("-")[0] for n in first} == {"GenRec", "teacher", "AtSpeedR"}
+    log.seek(0), log.truncate(0)
+    assert run(synth_root, "AtSpeedR", in_tmp_dir / "b.json") == 0
+    assert stage_files(in_tmp_dir / "saved") == first  # nothing retrained or regenerated
+    said = plain(log.getvalue())
+    assert "reusing the trained GenRec" in said and "reusing the teacher data" in said
+    assert "reusing the trained AtSpeedR" in said
+    a, b = (json.loads((in_tmp_dir / f).read_text())["test"] for f in ("a.json", "b.json"))
+    assert a["recall@10"] == b["recall@10"]
+
+
+def test_an_interrupted_draft_stage_resumes_from_its_last_epoch(synth_root, in_tmp_dir, log):
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "a.json", draft_epochs=2) == 0
+    draft = next((in_tmp_dir / "saved").glob("AtSpeedS-*.safetensors"))
+    meta = json.loads(draft.with_name(draft.name + ".json").read_text())
+    meta.pop("complete")  # as if the run had stopped after that epoch
+    draft.with_name(draft.name + ".json").write_text(json.dumps(meta))
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "b.json", draft_epochs=2) == 0
+    assert f"resuming AtSpeedS from epoch {meta['epoch'] + 1}" in plain(log.getvalue())
+
+
+def test_a_draft_whose_vocabulary_does_not_match_the_target_is_refused(synth_root, in_tmp_dir, capsys):
+    other = random_lm(CodeVocab(levels=4, codebook_size=16).size, 0, layers=1)  # IDs of 16 codes, not 8
+    save_model(other, str(in_tmp_dir / "draft.safetensors"))
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "x.json", draft_checkpoint=in_tmp_dir / "draft.safetensors") == 2
+    err = capsys.readouterr().err
+    assert "vocabulary of 65 tokens, the target 33" in err and "--draft_checkpoint" in err
+
+
+def test_an_unknown_align_loss_is_refused_with_the_valid_names(synth_root, in_tmp_dir, capsys):
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "x.json", align_loss="kd") == 2
+    err = capsys.readouterr().err
+    assert "align_loss='kd' is unknown" in err and "atspeed_s" in err
