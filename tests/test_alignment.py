@@ -166,6 +166,12 @@ def test_a_draft_whose_vocabulary_does_not_match_the_target_is_refused(synth_roo
     assert "vocabulary of 65 tokens, the target 33" in err and "--draft_checkpoint" in err
 
 
+def test_the_draft_stage_validates_on_the_requested_number_of_users(synth_root, in_tmp_dir, log):
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "a.json", draft_valid_requests=30) == 0
+    said = plain(log.getvalue())
+    assert "draft validation: 30 of 120 requests" in said
+
+
 def test_an_unknown_align_loss_is_refused_with_the_valid_names(synth_root, in_tmp_dir, capsys):
     assert run(synth_root, "AtSpeedS", in_tmp_dir / "x.json", align_loss="kd") == 2
     err = capsys.readouterr().err

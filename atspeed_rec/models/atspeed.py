@@ -124,6 +124,10 @@ class AtSpeedTrainer(SafeCheckpointTrainer):
         self.learning_rate = float(self.config["draft_learning_rate"])
         self.weight_decay = float(self.config["draft_weight_decay"])
         self.optimizer = self._build_optimizer(params=self.model.draft.parameters())
+        some = some_requests(valid_data, int(self.config["draft_valid_requests"]), self.config["seed"])
+        if some is not valid_data:
+            self.logger.info(f"draft validation: {len(some._dataset)} of {len(valid_data._dataset)} requests")
+        valid_data = some
         return self.fit_or_resume(train_data, valid_data, verbose, saved, show_progress, callback_fn)
 
     def target_config(self):
@@ -164,6 +168,16 @@ class AtSpeedTrainer(SafeCheckpointTrainer):
             meta={"target_checkpoint_key": target_key, **{k: self.config[k] for k in TEACHER_KEYS}},
             show_progress=show_progress, rank=self.config["local_rank"] if distributed else 0,
             world_size=self.config["world_size"] if distributed else 1)
+
+
+def some_requests(loader, n: int, seed: int):
+    """The evaluation `loader` cut to n requests drawn at random (seeded), or itself when n <= 0:
+    early stopping on speculative decoding needs an acceptance estimate, not every user."""
+    if loader is None or n <= 0 or n >= len(loader._dataset):
+        return loader
+    rows = torch.randperm(len(loader._dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    subset = loader._dataset.copy(loader._dataset.inter_feat[torch.sort(rows).values])
+    return type(loader)(loader.config, subset, loader._sampler, shuffle=False)
 
 
 def check_same_vocab(target_lm, draft_lm) -> None:
