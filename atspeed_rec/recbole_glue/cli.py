@@ -26,7 +26,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
         description="Train and evaluate a recommender (AtSpeed models or RecBole's) with RecBole.",
         epilog="Any other --key=value overrides a RecBole/model property, e.g. --epochs=5.",
     )
-    parser.add_argument("--model", "-m", default="SASRec", help="model name (default: SASRec)")
+    parser.add_argument("--model", "-m", default="AtSpeedR", help="model name (default: AtSpeedR)")
     parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (default: ml-100k)")
     parser.add_argument("--config_files", default=None,
                         help="extra property files, separated by spaces or commas, applied in order")
