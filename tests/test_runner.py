@@ -5,6 +5,7 @@ import json
 import pytest
 
 from atspeed_rec.recbole_glue.cli import main, parse_args
+from atspeed_rec.recbole_glue.runner import build_config
 
 
 def run_cli(root, *args):
@@ -85,3 +86,10 @@ def test_two_process_distributed_run_on_cpu_reports_metrics(synth_root, in_tmp_d
     assert result["nproc"] == 2
     assert result["config"]["world_size"] == 2
     assert 0.0 <= result["test"]["ndcg@10"] <= 1.0
+
+
+def test_a_dataset_file_sizes_the_model_budget_as_in_recbole():
+    config = build_config("GenRec", "ml-100k")
+    assert config["epochs"] == 10  # properties/dataset/ml-100k.yaml, over GenRec.yaml's 16
+    assert config["n_layers"] == 4  # from GenRec.yaml, untouched by the dataset file
+    assert build_config("AtSpeedR", "ml-100k")["align_loss"] == "atspeed_r"  # AtSpeedR.yaml over AtSpeedS.yaml
