@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from atspeed_rec.decoding.beam_search import beam_search, prompt_positions
+from atspeed_rec.alignment.positions import allowed_along
+from atspeed_rec.decoding.beam_search import beam_search, masked_log_softmax, prompt_positions
 from atspeed_rec.decoding.sampling import beam_sample
 from atspeed_rec.decoding.speculative import accept_drafts, fill_beams, speculative_beam_search
 from atspeed_rec.decoding.tree import DraftTree, cache_rows, cache_tensors, tree_forward
@@ -49,16 +50,18 @@ def assert_same_as_beam_search(spec, ref):
     torch.testing.assert_close(spec.scores, ref.scores, atol=1e-5, rtol=2e-6)  # float32 noise on |S| ~ 10
 
 
-def target_scores(model, ids, mask, codes):
-    """The target's own cumulative log-prob `[B, K]` of each full ID `codes [B, K, L]` after its prompt."""
+def target_scores(model, ids, mask, codes, trie):
+    """The target's own log p(item) `[B, K]` of each full ID `codes [B, K, L]` after its prompt: each
+    code's log-prob renormalised over the codes the trie allows after its prefix."""
     B, K, L = codes.shape
     ids, mask = ids.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)
     tokens = torch.cat([ids, VOCAB.tokens(codes.flatten(0, 1))], 1)
     full = torch.cat([mask, mask.new_ones(B * K, L)], 1)
     with torch.no_grad():
         logits = model(input_ids=tokens, attention_mask=full, position_ids=prompt_positions(full)).logits
-    lp = torch.log_softmax(logits[:, -L - 1:-1].float(), -1)  # [B*K, L, V]
-    return lp.gather(-1, tokens[:, -L:].unsqueeze(-1)).sum((1, 2)).view(B, K)
+    per_level = torch.stack([VOCAB.code_logits(logits[:, -L - 1 + l], l) for l in range(L)], 1)  # [B*K, L, C]
+    lp = masked_log_softmax(per_level, allowed_along(trie, codes).flatten(0, 1))
+    return lp.gather(-1, codes.flatten(0, 1).unsqueeze(-1)).sum((1, 2)).view(B, K)
 
 
 def assert_valid_distinct_sorted(result, trie, model, ids, mask):
@@ -67,7 +70,7 @@ def assert_valid_distinct_sorted(result, trie, model, ids, mask):
     assert all(row.unique().numel() == row.numel() for row in items)
     assert torch.equal(trie.codes_of(items), result.codes)
     assert (result.scores[:, :-1] >= result.scores[:, 1:]).all()
-    torch.testing.assert_close(result.scores, target_scores(model, ids, mask, result.codes), atol=1e-4, rtol=0)
+    torch.testing.assert_close(result.scores, target_scores(model, ids, mask, result.codes, trie), atol=1e-4, rtol=0)
 
 
 @SETTINGS

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from atspeed_rec.decoding.beam_search import masked_log_softmax  # noqa: F401  (re-exported: the losses' building block)
 from atspeed_rec.errors import ConfigError
 
 LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # about -87.3
@@ -31,18 +32,6 @@ IGNORE_INDEX = -100  # label of a position without a ground-truth code (as torch
 
 
 # ---- building blocks ---------------------------------------------------------------------------
-def masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / tau) over the allowed codes; -inf (probability exactly 0) elsewhere.
-
-    logits [..., C] (any float dtype; computed in float32), allowed [..., C] bool -> [..., C].
-    A row with no allowed finite logit is all -inf (every loss below is 0 there), never NaN.
-    """
-    x = logits.float() / tau  # [..., C]
-    support = allowed & (x > float("-inf"))  # [..., C]; -inf logits carry no mass
-    x = x.masked_fill(~support, torch.finfo(x.dtype).min)  # finite fill: no -inf - -inf in the softmax
-    return torch.log_softmax(x, dim=-1).masked_fill(~support, float("-inf"))
-
-
 def _safe(log_p: torch.Tensor) -> torch.Tensor:
     return log_p.clamp(min=LOG_FLOOR)  # finite stand-in for log 0; gradient 0 below the floor
 

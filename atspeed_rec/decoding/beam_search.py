@@ -1,8 +1,9 @@
 """Trie-constrained beam search over semantic IDs, KV-cached, B requests x K beams per batch.
 
-Scores follow Hugging Face `generate(num_beams=K, prefix_allowed_tokens_fn=...)` exactly: a
-beam's score is the sum of its tokens' full-vocabulary log-probabilities, with codes outside
-the trie set to -inf (not renormalised). Differences from `generate`: the prompt is encoded
+Scores follow Hugging Face `generate(num_beams=K, prefix_allowed_tokens_fn=...)` with a
+renormalising logits processor after the trie mask (`hf_generate.py`): a beam's score is the sum
+of its codes' log-probabilities renormalised over the codes the trie allows, i.e. the log-prob of
+the item under the constrained model, which is what GenRec is trained on. Differences from `generate`: the prompt is encoded
 once per request and its KV cache is SHARED by the request's K beams (never copied per beam,
 never reordered): each step feeds the K short beam paths (<= L - 1 codes each) after the
 request's cached prompt in one pass, with an attention mask that keeps beams apart. With a
@@ -56,10 +57,23 @@ def decode_one_token(model, tokens: torch.Tensor, attention_mask: torch.Tensor, 
     return forward_last(model, tokens.unsqueeze(-1), attention_mask, positions, cache)
 
 
+def masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / tau) over the allowed codes; -inf (probability exactly 0) elsewhere.
+
+    logits [..., C] (any float dtype; computed in float32), allowed [..., C] bool -> [..., C].
+    A row with no allowed finite logit is all -inf, never NaN.
+    """
+    x = logits.float() / tau  # [..., C]
+    support = allowed & (x > NEG_INF)  # [..., C]; -inf logits carry no mass
+    x = x.masked_fill(~support, torch.finfo(x.dtype).min)  # finite fill: no -inf - -inf in the softmax
+    return torch.log_softmax(x, dim=-1).masked_fill(~support, NEG_INF)
+
+
 def masked_code_logprobs(logprobs, vocab: CodeVocab, trie: CodeTrie, nodes, level: int):
-    """`[..., C]` log-probs of the codes of `level`, -inf where the trie forbids them."""
-    code_lp = vocab.code_logits(logprobs, level)
-    return code_lp.masked_fill(~trie.allowed(nodes, level), NEG_INF)
+    """`[..., C]` log-probs of the codes of `level` given the prefixes `nodes`, renormalised over the
+    codes the trie allows (-inf elsewhere): the model's distribution over valid continuations, as
+    it was trained (`GenRec.code_nll`). A beam's score is then log p(item | history)."""
+    return masked_log_softmax(vocab.code_logits(logprobs, level), trie.allowed(nodes, level))
 
 
 def select_top_k(beam_scores: torch.Tensor, code_lp: torch.Tensor, k: int):

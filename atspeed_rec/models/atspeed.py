@@ -37,7 +37,7 @@ from atspeed_rec.recbole_glue.trainer import SafeCheckpointTrainer
 
 DRAFT_KEYS = ("draft_n_layers", "draft_hidden_size", "draft_n_heads", "draft_inner_size",
               "draft_dropout_prob", "draft_tie_embeddings", "draft_learning_rate", "draft_weight_decay",
-              "draft_epochs", "draft_checkpoint")
+              "draft_epochs", "draft_eval_step", "draft_checkpoint")
 TEACHER_KEYS = ("K_train", "teacher_per_user")  # which samples, how many beams
 ALIGN_KEYS = ("align_loss", "alpha", "tau", "beta", "distillspec_divergence", *TEACHER_KEYS)
 
@@ -123,6 +123,7 @@ class AtSpeedTrainer(SafeCheckpointTrainer):
         self.epochs = int(self.config["draft_epochs"])
         self.learning_rate = float(self.config["draft_learning_rate"])
         self.weight_decay = float(self.config["draft_weight_decay"])
+        self.eval_step = int(self.config["draft_eval_step"])
         self.optimizer = self._build_optimizer(params=self.model.draft.parameters())
         some = some_requests(valid_data, int(self.config["draft_valid_requests"]), self.config["seed"])
         if some is not valid_data:

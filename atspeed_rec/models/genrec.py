@@ -17,7 +17,7 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
-from atspeed_rec.decoding.beam_search import BeamResult, beam_search, prompt_positions
+from atspeed_rec.decoding.beam_search import BeamResult, beam_search, masked_log_softmax, prompt_positions
 from atspeed_rec.errors import ConfigError
 from atspeed_rec.models.lm import build_lm
 from atspeed_rec.models.pretrained import build_pretrained, save_trained_part_only
@@ -69,9 +69,18 @@ class GenRec(SequentialRecommender):
         # Each user's whole training sequence, in windows (see calculate_loss); data, not weights.
         self.windows = TrainingWindows(dataset, self.max_seq_length, int(config["window_stride"]))
         self._trie: CodeTrie | None = None
+        self.register_buffer("prefix_nodes", self._prefix_nodes(), persistent=False)  # [n_items, L]
         self.length_buckets = 4  # forward passes per batch, grouped by window length
         if self.pretrained:  # checkpoints hold LoRA, new-token rows and buffers, not the backbone
             save_trained_part_only(self)
+
+    def _prefix_nodes(self) -> torch.Tensor:
+        """`[n_items, L]` the trie node of each item's first l codes (l = 0: the root); PAD row 0."""
+        codes = self.item_codes.clamp(min=0)
+        nodes = torch.zeros_like(codes)
+        for level in range(1, codes.shape[1]):
+            nodes[:, level] = self.trie.step(nodes[:, level - 1], codes[:, level - 1], level - 1).clamp(min=0)
+        return nodes
 
     @property
     def trie(self) -> CodeTrie:
@@ -131,21 +140,45 @@ class GenRec(SequentialRecommender):
         slot = torch.arange(tokens.shape[1], device=tokens.device) // L  # item slot of each token
         labels = tokens.masked_fill(slot < loss_from.unsqueeze(1), -100)  # codes of new targets
         # Shortest windows together, so that little of each forward pass is padding.
+        token_items = items.repeat_interleave(L, 1)  # [n, W * L] the item each token belongs to
         loss, count = 0.0, (labels[:, 1:] >= 0).sum()
         for chunk in torch.argsort((items > 0).sum(1)).chunk(self.length_buckets):
-            chunk_tokens, mask = _trim_left(tokens[chunk], items[chunk].repeat_interleave(L, 1) > 0)
-            chunk_labels = labels[chunk][:, -chunk_tokens.shape[1]:]
+            chunk_tokens, mask = _trim_left(tokens[chunk], token_items[chunk] > 0)
+            T = chunk_tokens.shape[1]  # whole items are trimmed: column j holds level j % L
             logits = lm(input_ids=chunk_tokens[:, :-1], attention_mask=mask[:, :-1],
                         position_ids=prompt_positions(mask[:, :-1])).logits  # [n, T-1, V]
-            loss = loss + torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1).float(), chunk_labels[:, 1:].flatten(), reduction="sum")
+            loss = loss + self.code_nll(logits, labels[chunk][:, -T:][:, 1:], token_items[chunk][:, -T:][:, 1:],
+                                        first_level=1)
         return loss / count
+
+    def code_nll(self, logits, labels, label_items, first_level: int = 0):
+        """Summed -log p(code | prefix) over the labelled positions, p renormalised over the codes the
+        trie allows after the item's earlier codes (as beam search scores them): the model spends
+        nothing on learning which codes exist, only on ranking the valid ones.
+
+        logits `[n, T, V]`; labels `[n, T]` code tokens or -100; label_items `[n, T]` their items;
+        position j predicts a code of level (first_level + j) % L.
+        """
+        L = self.vocab.levels
+        level_of = (torch.arange(labels.shape[1], device=labels.device) + first_level) % L  # [T]
+        total = logits.new_zeros((), dtype=torch.float)
+        for level in range(L):
+            at = (labels >= 0) & (level_of == level)  # [n, T]
+            if not at.any():
+                continue
+            nodes = self.prefix_nodes[label_items[at], level]  # [m] trie node of each item's prefix
+            code_lp = masked_log_softmax(self.vocab.code_logits(logits[at], level),
+                                         self.trie.allowed(nodes, level))  # [m, C]
+            code = (labels[at] - self.vocab.level_start(level)).unsqueeze(1)
+            total = total - code_lp.gather(1, code).sum()
+        return total
 
     def _prompt_loss(self, interaction):
         input_ids, mask = self.prompt(interaction)
-        target = self.vocab.tokens(self.item_codes[interaction[self.POS_ITEM_ID]])  # [B, L]
+        items = interaction[self.POS_ITEM_ID]
+        target = self.vocab.tokens(self.item_codes[items])  # [B, L]
         logits = self._code_logits(input_ids, mask, target)  # [B, L, V]
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+        return self.code_nll(logits, target, items.unsqueeze(1).expand_as(target)) / target.numel()
 
     def _code_logits(self, input_ids, mask, target):
         """`[B, L, V]` logits of the target codes `[B, L]` after the prompts (teacher forcing)."""
@@ -168,11 +201,16 @@ class GenRec(SequentialRecommender):
     def predict(self, interaction):
         """log p(item's codes | history) for the (history, item) pairs of `interaction`."""
         input_ids, mask = self.prompt(interaction)
-        codes = self.item_codes[interaction[self.ITEM_ID]]  # [B, L]
-        target = self.vocab.tokens(codes)
-        logits = self._code_logits(input_ids, mask, target)
-        logp = torch.log_softmax(logits.float(), dim=-1)  # [B, L, V]
-        return logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
+        items = interaction[self.ITEM_ID]
+        target = self.vocab.tokens(self.item_codes[items])  # [B, L]
+        logits = self._code_logits(input_ids, mask, target)  # [B, L, V]
+        nodes = self.prefix_nodes[items]  # [B, L]
+        score = logits.new_zeros(len(items), dtype=torch.float)
+        for level in range(self.vocab.levels):
+            code_lp = masked_log_softmax(self.vocab.code_logits(logits[:, level], level),
+                                         self.trie.allowed(nodes[:, level], level))  # [B, C]
+            score = score + code_lp.gather(1, (target[:, level] - self.vocab.level_start(level)).unsqueeze(1))[:, 0]
+        return score  # log p(item | history), as beam search scores it
 
 
 def beams_to_scores(beams: BeamResult, n_items: int) -> torch.Tensor:

@@ -40,6 +40,8 @@ class SafeCheckpointTrainer(Trainer):
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        if saved and not Path(self.saved_model_file).is_file():  # fewer epochs than eval_step: keep the last
+            self._save_checkpoint(self.epochs - 1, verbose=verbose)
         if saved:
             self.mark_complete(result)
         return result
