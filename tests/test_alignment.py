@@ -176,3 +176,10 @@ def test_an_unknown_align_loss_is_refused_with_the_valid_names(synth_root, in_tm
     assert run(synth_root, "AtSpeedS", in_tmp_dir / "x.json", align_loss="kd") == 2
     err = capsys.readouterr().err
     assert "align_loss='kd' is unknown" in err and "atspeed_s" in err
+
+
+def test_the_staged_atspeed_run_works_on_two_distributed_processes(synth_root, in_tmp_dir):
+    assert run(synth_root, "AtSpeedR", in_tmp_dir / "ddp.json", nproc=2) == 0
+    result = json.loads((in_tmp_dir / "ddp.json").read_text())
+    assert result["nproc"] == 2 and {"speedup", "accepted_steps"} <= set(result["test"])
+    assert len(list((in_tmp_dir / "saved").glob("teacher-*.safetensors"))) == 1  # both ranks' shares, one file
