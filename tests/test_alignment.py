@@ -51,23 +51,23 @@ def test_teacher_data_round_trips_the_targets_distributions_through_its_packed_s
     allowed = allowed_along(trie, codes)
     logp = masked_log_softmax(beam_code_logits(target, VOCAB, ids, mask, codes), allowed)
     stored = allowed & stored_positions(*codes.shape).unsqueeze(-1)
-    tensors = finish({"users": torch.tensor([1, 2, 3]), "lengths": torch.tensor([4, 4, 2]),
+    tensors = finish({"users": torch.tensor([1, 2, 3]), "items": torch.tensor([7, 8, 9]), "lengths": torch.tensor([4, 4, 2]),
                       "codes": codes.to(torch.int16), "valid": torch.ones(3, 6, dtype=torch.uint8),
                       "counts": stored.flatten(1).sum(1), "values": logp[stored].half()})
-    data = TeacherData(tensors, n_users=5, max_len=6)
+    data = TeacherData(tensors)
     order = torch.tensor([2, 0])  # any subset, any order
     batch = data.batch(order, trie)
     assert torch.equal(batch.codes, codes[order]) and torch.equal(batch.allowed, allowed[order])
     torch.testing.assert_close(batch.target_logp, logp[order].half().float())
-    assert data.lookup(torch.tensor([3, 1, 1]), torch.tensor([2, 4, 3])).tolist() == [2, 0, -1]
+    found = data.lookup(torch.tensor([3, 1, 1, 1]), torch.tensor([9, 7, 7, 8]), torch.tensor([2, 4, 3, 4]))
+    assert found.tolist() == [2, 0, -1, -1]  # user, target item and history length must all match
 
 
-def test_alignment_samples_are_each_users_longest_histories():
-    users = torch.tensor([1, 1, 1, 2, 2, 3])
-    lengths = torch.tensor([1, 2, 3, 1, 2, 1])
-    assert select_samples(lengths, users, 2).tolist() == [1, 2, 3, 4, 5]
-    assert select_samples(lengths, users, 1).tolist() == [2, 4, 5]
-    assert select_samples(lengths, users, 0).tolist() == list(range(6))
+def test_alignment_samples_are_each_users_latest_rows():
+    users = torch.tensor([1, 1, 1, 2, 2, 3])  # RecBole's rows: a user's prefixes in time order
+    assert select_samples(users, 2).tolist() == [1, 2, 3, 4, 5]
+    assert select_samples(users, 1).tolist() == [2, 4, 5]
+    assert select_samples(users, 0).tolist() == list(range(6))
 
 
 class FakeTarget:
@@ -90,9 +90,9 @@ def test_every_align_loss_is_finite_and_trains_the_draft_only(name):
     allowed = allowed_along(trie, beams.codes)
     logp = masked_log_softmax(beam_code_logits(target, VOCAB, ids, mask, beams.codes), allowed)
     stored = allowed & stored_positions(*beams.codes.shape).unsqueeze(-1)
-    teacher = TeacherData(finish({"users": torch.arange(3), "lengths": torch.full((3,), 5),
+    teacher = TeacherData(finish({"users": torch.arange(3), "items": torch.arange(3), "lengths": torch.full((3,), 5),
                                   "codes": beams.codes, "valid": torch.ones(3, 4), "counts": stored.flatten(1).sum(1),
-                                  "values": logp[stored].half()}), n_users=3, max_len=5)
+                                  "values": logp[stored].half()}))
     cfg = AlignConfig(name=name, k=4, k_train=4)
     inter = {"item_id": torch.tensor([1, 7, 30])}
     loss = align_loss(cfg, fake, draft, inter, teacher, torch.arange(3))
@@ -106,7 +106,7 @@ def test_every_align_loss_is_finite_and_trains_the_draft_only(name):
 def test_the_draft_that_equals_the_target_has_zero_atspeed_losses():
     trie, target, _, ids, mask = world()
     fake = FakeTarget(trie, target, ids, mask)
-    index = SampleIndex(torch.arange(3), torch.full((3,), 5), 3, 5)
+    index = SampleIndex(torch.arange(3), torch.arange(3), torch.full((3,), 5))
     for name in ("tvd", "wordkd", "distillspec"):  # computed online from the same model: exactly 0
         loss = align_loss(AlignConfig(name=name, k=4, k_train=4), fake, target, {"item_id": torch.tensor([1, 2, 3])},
                           index, torch.arange(3))

@@ -57,7 +57,8 @@ def draft_loss(cfg: AlignConfig, target, draft, interaction, samples: SampleInde
     ce = target.window_loss(draft, interaction)
     if not cfg.aligned or samples is None:
         return ce
-    idx = samples.lookup(interaction[target.USER_ID], interaction[target.ITEM_SEQ_LEN])  # [B]
+    idx = samples.lookup(interaction[target.USER_ID], interaction[target.POS_ITEM_ID],
+                         interaction[target.ITEM_SEQ_LEN])  # [B]
     rows = torch.nonzero(idx >= 0).squeeze(1)
     if len(rows) == 0:
         return ce if cfg.alpha < 1 else ce * 0.0

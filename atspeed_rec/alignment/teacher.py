@@ -30,7 +30,7 @@ from atspeed_rec.alignment.positions import allowed_along, beam_code_logits
 from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
-FORMAT = 1  # bump when the file layout changes
+FORMAT = 2  # bump when the file layout changes (2: rows keyed by user, target item and length)
 
 
 @dataclass
@@ -41,27 +41,35 @@ class TeacherBatch:
     allowed: torch.Tensor  # [n, K, L, C] bool
 
 
-class SampleIndex:
-    """Alignment samples, looked up by (user id, history length) of RecBole's training rows."""
+def row_keys(users: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """One int64 key per RecBole training row: (user, target item, history length). The length alone
+    is not enough: histories are cut at MAX_ITEM_LIST_LENGTH, so a long user's rows share it."""
+    return (users.long() * (1 << 24) + items.long()) * (1 << 12) + lengths.long()
 
-    def __init__(self, users: torch.Tensor, lengths: torch.Tensor, n_users: int, max_len: int):
-        self.users, self.lengths = users.long(), lengths.long()  # [N], [N]
-        self.index = torch.full((n_users, max_len + 1), -1, dtype=torch.long)  # (user, length) -> sample
-        self.index[self.users, self.lengths] = torch.arange(len(self.users))
+
+class SampleIndex:
+    """Alignment samples, looked up by the (user, target item, history length) of RecBole's rows."""
+
+    def __init__(self, users: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor):
+        self.users, self.items, self.lengths = users.long(), items.long(), lengths.long()  # [N] each
+        self.keys, self.order = torch.sort(row_keys(self.users, self.items, self.lengths))
 
     def __len__(self) -> int:
         return len(self.users)
 
-    def lookup(self, users: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def lookup(self, users: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """`[B]` sample index of each RecBole row, -1 for rows that are not alignment samples."""
-        return self.index[users.cpu(), lengths.cpu().clamp(max=self.index.shape[1] - 1)].to(users.device)
+        key = row_keys(users.cpu(), items.cpu(), lengths.cpu())
+        at = torch.searchsorted(self.keys, key).clamp(max=len(self.keys) - 1)
+        found = self.keys[at] == key if len(self.keys) else torch.zeros_like(key, dtype=torch.bool)
+        return torch.where(found, self.order[at], -1).to(users.device)
 
 
 class TeacherData(SampleIndex):
     """Alignment samples with the target's beams and distributions (see the module docstring)."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], n_users: int, max_len: int):
-        super().__init__(tensors["users"], tensors["lengths"], n_users, max_len)
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__(tensors["users"], tensors["items"], tensors["lengths"])
         self.codes = tensors["codes"].long()  # [N, K, L]
         self.valid = tensors["valid"].bool()  # [N, K]
         self.offsets, self.values = tensors["offsets"], tensors["values"]  # [N + 1], [M] float16
@@ -91,17 +99,19 @@ def stored_positions(n: int, K: int, L: int, device=None) -> torch.Tensor:
     return keep.expand(n, K, L)
 
 
-def select_samples(lengths: torch.Tensor, users: torch.Tensor, per_user: int) -> torch.Tensor:
+def select_samples(users: torch.Tensor, per_user: int) -> torch.Tensor:
     """Row indices of the training samples with teacher data: each user's last `per_user` rows
-    (the longest histories, closest to what is served), or every row when per_user <= 0."""
+    (RecBole keeps a user's prefixes in time order: the latest histories, closest to what is
+    served), or every row when per_user <= 0."""
+    n = len(users)
     if per_user <= 0:
-        return torch.arange(len(users))
-    order = torch.argsort(users * (int(lengths.max()) + 1) + lengths, descending=True)  # user, then longest
+        return torch.arange(n)
+    order = torch.argsort(users.long() * n + torch.arange(n), descending=True)  # user, then latest row first
     sorted_users = users[order]
     first = torch.ones_like(sorted_users, dtype=torch.bool)
     first[1:] = sorted_users[1:] != sorted_users[:-1]
-    group_start = torch.cummax(torch.where(first, torch.arange(len(users)), 0), 0).values
-    rank = torch.arange(len(users)) - group_start  # 0 = the user's longest history
+    group_start = torch.cummax(torch.where(first, torch.arange(n), 0), 0).values
+    rank = torch.arange(n) - group_start  # 0 = the user's latest row
     return torch.sort(order[rank < per_user]).values
 
 
@@ -115,7 +125,7 @@ def generate_teacher(target, rows, k_train: int, batch_size: int, show_progress:
     was_training = target.training
     target.eval()
     trie, device = target.trie, target.item_codes.device
-    parts = {k: [] for k in ("users", "lengths", "codes", "valid", "counts", "values")}
+    parts = {k: [] for k in ("users", "items", "lengths", "codes", "valid", "counts", "values")}
     starts = list(range(0, len(rows), batch_size))[rank::world_size]
     for start in tqdm(starts, desc=set_color("Teacher data", "pink"), ncols=100, disable=not show_progress):
         inter = rows[start:start + batch_size].to(device)
@@ -128,6 +138,7 @@ def generate_teacher(target, rows, k_train: int, batch_size: int, show_progress:
         logp = masked_log_softmax(logits, allowed)
         stored = allowed & stored_positions(*codes.shape, device=device).unsqueeze(-1)
         parts["users"].append(inter[target.USER_ID].cpu())
+        parts["items"].append(inter[target.POS_ITEM_ID].cpu())
         parts["lengths"].append(inter[target.ITEM_SEQ_LEN].cpu())
         parts["codes"].append(codes.to(torch.int16).cpu())
         parts["valid"].append(valid.to(torch.uint8).cpu())
@@ -170,12 +181,11 @@ def load_or_generate(path: Path, target, train_dataset, k_train: int, per_user: 
                      meta: dict, show_progress: bool, rank: int = 0, world_size: int = 1) -> TeacherData:
     """The cached teacher data at `path`, or generate it (all ranks) and cache it (rank 0)."""
     logger = logging.getLogger()
-    n_users, max_len = train_dataset.user_num, int(train_dataset.inter_feat[target.ITEM_SEQ].shape[1])
     if path.is_file():
         logger.info(set_color("stage", "green") + f": reusing the teacher data {path}")
-        return TeacherData(load_file(str(path)), n_users, max_len)
+        return TeacherData(load_file(str(path)))
     inter = train_dataset.inter_feat
-    rows = select_samples(inter[target.ITEM_SEQ_LEN], inter[target.USER_ID], per_user)
+    rows = select_samples(inter[target.USER_ID], per_user)
     logger.info(set_color("stage", "green") + f": teacher data: the target's top-{k_train} beams for "
                 f"{len(rows)} training samples (saved to {path})")
     parts = generate_teacher(target, inter[rows], k_train, batch_size, show_progress, rank, world_size)
@@ -184,4 +194,4 @@ def load_or_generate(path: Path, target, train_dataset, k_train: int, per_user: 
         save_teacher(path, tensors, meta)
     if world_size > 1:
         torch.distributed.barrier()
-    return TeacherData(tensors, n_users, max_len)
+    return TeacherData(tensors)

@@ -25,6 +25,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType, set_color
 
 from atspeed_rec.alignment.objective import AlignConfig, draft_loss
+from atspeed_rec.alignment.teacher import FORMAT as TEACHER_FORMAT
 from atspeed_rec.alignment.teacher import SampleIndex, load_or_generate, select_samples
 from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.decoding.speculative import speculative_beam_search
@@ -155,13 +156,13 @@ class AtSpeedTrainer(SafeCheckpointTrainer):
             return None
         inter = train_dataset.inter_feat
         per_user = int(self.config["teacher_per_user"])
-        max_len = int(inter[target.ITEM_SEQ].shape[1])
         if not align.needs_teacher:  # positions along the true item or the draft's beams: no cache
-            rows = select_samples(inter[target.ITEM_SEQ_LEN], inter[target.USER_ID], per_user)
-            return SampleIndex(inter[target.USER_ID][rows], inter[target.ITEM_SEQ_LEN][rows],
-                               train_dataset.user_num, max_len)
+            rows = select_samples(inter[target.USER_ID], per_user)
+            return SampleIndex(inter[target.USER_ID][rows], inter[target.POS_ITEM_ID][rows],
+                               inter[target.ITEM_SEQ_LEN][rows])
         target_key = config_key(self.target_config(), GenRec.checkpoint_keys)
-        key = config_key({**{k: self.config[k] for k in TEACHER_KEYS}, "target": target_key}, ["target", *TEACHER_KEYS])
+        key = config_key({**{k: self.config[k] for k in TEACHER_KEYS}, "target": target_key, "format": TEACHER_FORMAT},
+                         ["target", "format", *TEACHER_KEYS])
         path = Path(self.config["checkpoint_dir"]) / f"teacher-{self.config['dataset']}-{key}.safetensors"
         distributed = not self.config["single_spec"]
         return load_or_generate(
