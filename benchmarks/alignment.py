@@ -114,10 +114,7 @@ def write(args, rows, models, config) -> None:
                                                                      lambda r: r["loss"], "k", "accepted"))
                               for mode in args.modes],
                   "K (beams = items returned)", f"{args.dataset}: accepted steps per align_loss, batch 1")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nwrote {args.output} and {args.plot}")
+    sb.write(args, lines)
 
 
 if __name__ == "__main__":
