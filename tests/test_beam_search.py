@@ -5,18 +5,22 @@ import torch
 
 from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.decoding.hf_generate import hf_beam_search
+from atspeed_rec.models.item_embedding import ItemTokenEmbedding
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 from random_models import random_ids, random_lm, random_prompts
 
 
-@pytest.mark.parametrize("k,seed", [(1, 0), (3, 1), (10, 2), (10, 3)])
-def test_beam_search_returns_what_generate_returns(k, seed):
+@pytest.mark.parametrize("k,seed,item_vectors", [(1, 0, False), (3, 1, False), (10, 2, False), (10, 3, False),
+                                                 (10, 4, True), (3, 5, True)])
+def test_beam_search_returns_what_generate_returns(k, seed, item_vectors):
     vocab = CodeVocab(levels=4, codebook_size=8)
     codes = random_ids(300, 4, 8, seed)
     item_codes = torch.cat([torch.full((1, 4), -1), codes])  # row 0 = PAD
     trie = CodeTrie(codes, 8, item_offset=1)
     model = random_lm(vocab.size, seed)
+    if item_vectors:  # history items also carry their own vector (GenRec's default)
+        model.set_input_embeddings(ItemTokenEmbedding(model.get_input_embeddings(), vocab, item_codes, init_std=1.0))
     input_ids, mask = random_prompts(item_codes, vocab, batch=4, max_hist=5, seed=seed)
     ours = beam_search(model, trie, vocab, input_ids, mask, num_beams=k)
     hf = hf_beam_search(model, trie, vocab, input_ids, mask, k)

@@ -9,6 +9,7 @@ from atspeed_rec.models.genrec import GenRec
 from atspeed_rec.recbole_glue.checkpoint import load_checkpoint, save_checkpoint
 from atspeed_rec.recbole_glue.cli import main
 from atspeed_rec.recbole_glue.runner import build_config
+from atspeed_rec.recbole_glue.trainer import cosine_schedule
 
 SMALL = {"n_layers": 1, "hidden_size": 32, "n_heads": 2, "inner_size": 64,
          "sid_codebook_size": 8, "sid_source": "collaborative"}
@@ -104,3 +105,30 @@ def test_heads_that_do_not_divide_the_width_are_refused(synth_root, in_tmp_dir, 
                  f"--config_files={synth_root / 'synth.yaml'}", "--hidden_size=30", "--n_heads=4"])
     assert code == 2
     assert "not divisible by n_heads" in capsys.readouterr().err
+
+
+def test_the_cosine_schedule_decays_to_zero_and_resumes_where_it_stood():
+    def optimizer():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    whole = optimizer()
+    cosine_schedule(whole, total_steps=10)
+    lrs = []
+    for _ in range(10):
+        whole.step()
+        lrs.append(whole.param_groups[0]["lr"])
+    assert abs(lrs[4] - 0.05) < 1e-12 and lrs[-1] < 1e-12  # half-way: half the lr; the end: 0
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    resumed = optimizer()
+    cosine_schedule(resumed, total_steps=10, steps_done=6)  # an interrupted run, 6 steps in
+    assert abs(resumed.param_groups[0]["lr"] - lrs[5]) < 1e-12
+    resumed.step()
+    assert abs(resumed.param_groups[0]["lr"] - lrs[6]) < 1e-12
+
+
+def test_an_unknown_lr_schedule_is_refused(synth_root, in_tmp_dir, capsys):
+    code = main(["--model=GenRec", "--dataset=synth", f"--data_path={synth_root}",
+                 f"--config_files={synth_root / 'synth.yaml'}", "--lr_schedule=linear"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "lr_schedule='linear'" in err and "cosine" in err

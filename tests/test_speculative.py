@@ -12,7 +12,7 @@ from atspeed_rec.alignment.positions import allowed_along
 from atspeed_rec.decoding.beam_search import beam_search, masked_log_softmax, prompt_positions
 from atspeed_rec.decoding.sampling import beam_sample
 from atspeed_rec.decoding.speculative import accept_drafts, fill_beams, speculative_beam_search
-from atspeed_rec.decoding.tree import DraftTree, cache_rows, cache_tensors, tree_forward
+from atspeed_rec.decoding.tree import DraftTree, cache_rows, tree_forward
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 from random_models import random_ids, random_lm, random_prompts
@@ -176,11 +176,11 @@ def test_the_one_pass_tree_forward_equals_a_forward_per_root_to_node_path():
         with torch.no_grad():
             _, _, cache = tree_forward(target, VOCAB, mask, beam_codes[:, :1, :0], DraftTree.empty(2, width),
                                        prompt_ids=ids)  # the prompt alone, as the first round leaves it
-            assert cache.get_seq_length() == ids.shape[1]
+            assert all(k.shape[2] == v.shape[2] == ids.shape[1] for k, v in cache)
             if cur == 0:
                 lp_beams, lp_tree, _ = tree_forward(target, VOCAB, mask, beam_codes, tree, prompt_ids=ids)
             else:
-                cache = cache_rows(cache_tensors(cache))  # the prompt's KV, as later rounds use it
+                cache = cache_rows(cache, torch.arange(2))  # the prompt's KV, as later rounds use it
                 lp_beams, lp_tree, _ = tree_forward(target, VOCAB, mask, beam_codes, tree, cache)
         for b in range(2):
             for h in range(beams):

@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
+from atspeed_rec.models.fast_forward import KV, additive_mask, causal_prompt_mask, lm_forward
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -39,22 +39,20 @@ def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def forward_last(model, input_ids, attention_mask, position_ids, cache=None):
-    """One forward pass; log-probs `[N, V]` after the last input token and the updated cache."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                cache=cache, use_cache=True, logits_to_keep=1)
-    return torch.log_softmax(out.logits[:, -1].float(), dim=-1), out.cache
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
+    """Encode the left-padded prompts `[B, P]`; log-probs `[B, V]` of the first code and their KV."""
+    mask = causal_prompt_mask(attention_mask, model.dtype)
+    logits, kv = lm_forward(model, input_ids, prompt_positions(attention_mask), mask, keep=1)
+    return torch.log_softmax(logits[:, -1].float(), dim=-1), kv
 
 
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Encode the prompts `[B, P]`; log-probs `[B, V]` of the first code and the cache."""
-    return forward_last(model, input_ids, attention_mask, prompt_positions(attention_mask))
-
-
-def decode_one_token(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache):
-    """Feed one token per beam `[N]`; `attention_mask [N, T]` already includes it."""
+def decode_one_token(model, tokens: torch.Tensor, attention_mask: torch.Tensor, kv: KV):
+    """Feed one token per row `[N]` after its cache; `attention_mask [N, T]` already includes it.
+    Log-probs `[N, V]` and the grown KV."""
     positions = attention_mask.long().sum(-1, keepdim=True) - 1  # [N, 1]
-    return forward_last(model, tokens.unsqueeze(-1), attention_mask, positions, cache)
+    mask = additive_mask(attention_mask.bool().unsqueeze(1), model.dtype)  # [N, 1, 1, T]
+    logits, kv = lm_forward(model, tokens.unsqueeze(-1), positions, mask, kv)
+    return torch.log_softmax(logits[:, -1].float(), dim=-1), kv
 
 
 def masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -99,7 +97,7 @@ def padded_topk(x: torch.Tensor, k: int):
     return values, index
 
 
-def paths_forward(model, vocab: CodeVocab, kv, prompt_mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+def paths_forward(model, vocab: CodeVocab, kv: KV, prompt_mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Log-probs `[B, K, V]` after each beam path `codes [B, K, t]`, in ONE pass over the K*t path
     tokens after each request's cached prompt (`kv`: one (keys, values) `[B, ...]` per layer).
 
@@ -112,12 +110,10 @@ def paths_forward(model, vocab: CodeVocab, kv, prompt_mask: torch.Tensor, codes:
     t_of = torch.arange(t, device=dev).repeat(K)  # [K*t] depth of each path token
     own_path = (beam_of.unsqueeze(1) == beam_of) & (t_of <= t_of.unsqueeze(1))  # [K*t, K*t]
     vis = torch.cat([prompt_mask.bool().unsqueeze(1).expand(B, K * t, -1), own_path.expand(B, -1, -1)], -1)
-    mask = torch.zeros(vis.shape, dtype=dtype, device=dev).masked_fill_(~vis, torch.finfo(dtype).min)
     positions = prompt_mask.long().sum(-1, keepdim=True) + t_of  # [B, K*t]
     last = torch.arange(K, device=dev) * t + t - 1  # [K] each beam's last token
-    out = model(input_ids=vocab.tokens(codes).flatten(1), attention_mask=mask.unsqueeze(1), position_ids=positions,
-                cache=DynamicCache(ddp_cache_data=kv), use_cache=True, logits_to_keep=last)
-    return torch.log_softmax(out.logits.float(), dim=-1)  # [B, K, V]; the grown cache is dropped
+    logits, _ = lm_forward(model, vocab.tokens(codes).flatten(1), positions, additive_mask(vis, dtype), kv, last)
+    return torch.log_softmax(logits.float(), dim=-1)  # [B, K, V]; the grown cache is dropped
 
 
 @torch.no_grad()
@@ -129,8 +125,7 @@ def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor
     step: the top k here, k sampled without replacement for beam sampling (`sampling.py`).
     """
     B, K, L = input_ids.shape[0], num_beams, vocab.levels
-    logprobs, cache = prefill(model, input_ids, attention_mask)  # [B, V]
-    kv = [(layer.keys, layer.values) for layer in cache.layers]  # the prompts' KV, shared by their beams
+    logprobs, kv = prefill(model, input_ids, attention_mask)  # [B, V]; the prompts' KV, shared by their beams
     nodes = trie.root_nodes(B, 1)  # [B, 1]
     code_lp = masked_code_logprobs(logprobs.unsqueeze(1), vocab, trie, nodes, 0)  # [B, 1, C]
     parent, code, scores = select(input_ids.new_zeros(B, 1, dtype=torch.float), code_lp, K)

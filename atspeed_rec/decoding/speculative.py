@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from atspeed_rec.decoding.beam_search import (NEG_INF, BeamResult, decode_one_token, forward_last,
-                                              masked_code_logprobs, prefill, select_top_k)
+from atspeed_rec.decoding.beam_search import (NEG_INF, BeamResult, decode_one_token, masked_code_logprobs,
+                                              prefill, select_top_k)
 from atspeed_rec.decoding.sampling import gumbel, gumbel_top_k, sample_top_k, sort_beams
-from atspeed_rec.decoding.tree import DraftTree, cache_rows, cache_tensors, tree_forward
+from atspeed_rec.decoding.tree import DraftTree, cache_rows, tree_forward
+from atspeed_rec.models.fast_forward import additive_mask, lm_forward
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -52,16 +53,17 @@ class Beams:
 
 
 def draft_paths(draft, kv, rows, prompt_mask, beams: Beams, vocab: CodeVocab):
-    """Feed the beam paths after the draft's cached prompt: log-probs `[G, H, V]` and the cache."""
+    """Feed the beam paths after the draft's cached prompt: log-probs `[G, H, V]` and the KV of the
+    G*H rows (prompt + path), one row per beam."""
     G, H, cur = beams.codes.shape
-    cache = cache_rows(kv, rows)
-    cache.batch_repeat_interleave(H)
+    kv = [(k.repeat_interleave(H, 0), v.repeat_interleave(H, 0)) for k, v in cache_rows(kv, rows)]
     mask = prompt_mask.repeat_interleave(H, dim=0)  # [G*H, P]
     positions = mask.long().sum(-1, keepdim=True) + torch.arange(cur, device=mask.device)  # [G*H, cur]
-    mask = torch.cat([mask, mask.new_ones(G * H, cur)], dim=1)
+    causal = torch.ones(cur, cur, dtype=torch.bool, device=mask.device).tril()  # the path, causally
+    visible = torch.cat([mask.bool().unsqueeze(1).expand(-1, cur, -1), causal.expand(G * H, -1, -1)], -1)
     tokens = vocab.tokens(beams.codes).flatten(0, 1)  # [G*H, cur]
-    logprobs, cache = forward_last(draft, tokens, mask, positions, cache)
-    return logprobs.view(G, H, -1), cache
+    logits, kv = lm_forward(draft, tokens, positions, additive_mask(visible, draft.dtype), kv, keep=1)
+    return torch.log_softmax(logits[:, -1].float(), dim=-1).view(G, H, -1), kv
 
 
 def draft_tree(draft, cache, logprobs, beams: Beams, trie: CodeTrie, vocab: CodeVocab, prompt_mask,
@@ -87,7 +89,8 @@ def draft_tree(draft, cache, logprobs, beams: Beams, trie: CodeTrie, vocab: Code
         parents.append(parent), codes.append(code), alive.append(live)
         if j < depth - 1:
             h = logprobs.shape[1]
-            cache.reorder_cache((torch.arange(G, device=parent.device).unsqueeze(-1) * h + parent).flatten())
+            rows = (torch.arange(G, device=parent.device).unsqueeze(-1) * h + parent).flatten()  # [G*N]
+            cache = [(k[rows], v[rows]) for k, v in cache]
             mask = prompt_mask.repeat_interleave(N, dim=0)
             mask = torch.cat([mask, mask.new_ones(G * N, cur + j + 1)], dim=1)  # prompt + path + tree levels
             logprobs, cache = decode_one_token(draft, vocab.tokens(code, cur + j).flatten(), mask, cache)
@@ -288,20 +291,18 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
             tree = DraftTree.empty(G, N, dev)
         else:
             if cur == 0:
-                logprobs, cache = prefill(draft, input_ids[rows], mask)
-                draft_kv = cache_tensors(cache)
+                logprobs, draft_kv = prefill(draft, input_ids[rows], mask)
+                cache = draft_kv
                 logprobs = logprobs.unsqueeze(1)  # [G, 1, V]
             else:
                 logprobs, cache = draft_paths(draft, draft_kv, rows, mask, beams, vocab)
             tree, n = draft_tree(draft, cache, logprobs, beams, trie, vocab, mask, d, N, mode, generator)
             stats.draft_calls += 1 + n
         if cur == 0:
-            lp_beams, lp_tree, cache = tree_forward(target, vocab, mask, beams.codes, tree,
-                                                    prompt_ids=input_ids[rows])  # prefill + tree
-            target_kv = cache_tensors(cache)
+            lp_beams, lp_tree, target_kv = tree_forward(target, vocab, mask, beams.codes, tree,
+                                                        prompt_ids=input_ids[rows])  # prefill + tree
         else:
-            cache = cache_rows(target_kv, rows)
-            lp_beams, lp_tree, _ = tree_forward(target, vocab, mask, beams.codes, tree, cache)
+            lp_beams, lp_tree, _ = tree_forward(target, vocab, mask, beams.codes, tree, cache_rows(target_kv, rows))
         calls += 1
         if mode == "strict":
             new, advanced = verify_strict(lp_beams, lp_tree, tree, beams, K, trie, vocab)

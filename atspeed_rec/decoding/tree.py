@@ -3,9 +3,9 @@
 A round's target input (per request) is [the prompt, first round only] + the H current beams' code
 paths (H chains of `cur` tokens) + the N*d tree tokens (level j, node n at index j*N + n). Every
 token sees the request's non-pad prompt, its own ancestors and itself; its position id is the
-prompt's last position + 1 + its depth. transformers (5.24) passes a 4-D mask to attention as-is
-(`masking_utils._preprocess_mask_arguments`), so we build it in full: additive float, shape
-[G, 1, q, cache + q], 0 where visible and dtype-min elsewhere (works for eager and sdpa).
+prompt's last position + 1 + its depth. The mask is built in full for the lean forward
+(`models/fast_forward.py`): additive float, shape [G, 1, q, cache + q], 0 where visible and
+dtype-min elsewhere.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from atspeed_rec.decoding.beam_search import prompt_positions
+from atspeed_rec.models.fast_forward import KV, additive_mask, lm_forward
 from atspeed_rec.models.vocab import CodeVocab
 
 
@@ -94,35 +94,27 @@ def tree_inputs(vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes: torch.T
         tokens = torch.cat([prompt_ids, tokens], 1)
         positions = torch.cat([prompt_positions(prompt_mask), positions], 1)
         keep = keep + P
-    mask = torch.zeros(vis.shape, dtype=dtype, device=dev).masked_fill_(~vis, torch.finfo(dtype).min)
-    return tokens, positions, mask.unsqueeze(1), keep
+    return tokens, positions, additive_mask(vis, dtype), keep
 
 
-def cache_rows(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor | None = None) -> DynamicCache:
-    """A fresh cache holding the prompt KV `kv` (one (keys, values) per layer) of `rows` only."""
-    if rows is not None:
-        kv = [(k[rows], v[rows]) for k, v in kv]
-    return DynamicCache(ddp_cache_data=kv)
-
-
-def cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+def cache_rows(kv: KV, rows: torch.Tensor) -> KV:
+    """The cache `kv` (one (keys, values) `[B, ...]` per layer) of `rows` only."""
+    return [(k[rows], v[rows]) for k, v in kv]
 
 
 def tree_forward(model, vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes: torch.Tensor,
-                 tree: DraftTree, cache: DynamicCache | None = None, prompt_ids: torch.Tensor | None = None):
-    """ONE target pass over beam paths + tree (+ the prompt when `cache` is None).
+                 tree: DraftTree, kv: KV | None = None, prompt_ids: torch.Tensor | None = None):
+    """ONE target pass over beam paths + tree (+ the prompt when `kv` is None).
 
-    Returns log-probs after each beam `[G, H, V]`, after each tree node `[G, d, N, V]`, and the cache
-    cut back to the prompt (`DynamicCache.crop(-n)` removes the last n tokens in transformers 5.24).
+    Returns log-probs after each beam `[G, H, V]`, after each tree node `[G, d, N, V]`, and the KV
+    of the prompt alone (what later rounds reuse).
     """
     G, H, _ = beam_codes.shape
     _, d, N = tree.codes.shape
     tokens, positions, mask, keep = tree_inputs(vocab, prompt_mask, beam_codes, tree, prompt_ids,
                                                 dtype=model.dtype)
-    out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
-                use_cache=True, logits_to_keep=keep)
-    logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [G, H + dN, V]
-    new = tokens.shape[1] - (prompt_ids.shape[1] if prompt_ids is not None else 0)
-    out.cache.crop(-new)
-    return logprobs[:, :H], logprobs[:, H:].view(G, d, N, logprobs.shape[-1]), out.cache
+    logits, kv = lm_forward(model, tokens, positions, mask, kv, keep)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [G, H + dN, V]
+    P = prompt_mask.shape[1]
+    kv = [(k[:, :, :P], v[:, :, :P]) for k, v in kv]  # cut back to the prompt
+    return logprobs[:, :H], logprobs[:, H:].view(G, d, N, logprobs.shape[-1]), kv

@@ -19,6 +19,7 @@ from recbole.utils import InputType
 
 from atspeed_rec.decoding.beam_search import BeamResult, beam_search, masked_log_softmax, prompt_positions
 from atspeed_rec.errors import ConfigError
+from atspeed_rec.models.item_embedding import ItemTokenEmbedding
 from atspeed_rec.models.lm import build_lm
 from atspeed_rec.models.pretrained import build_pretrained, save_trained_part_only
 from atspeed_rec.models.sequences import TrainingWindows
@@ -43,7 +44,7 @@ def check_beam_width(config) -> int:
 
 
 SID_KEYS = ("sid_source", "sid_levels", "sid_codebook_size", "sid_collab_dim", "sid_text_fields")
-LM_KEYS = ("n_layers", "hidden_size", "n_heads", "inner_size", "dropout_prob", "window_stride")
+LM_KEYS = ("n_layers", "hidden_size", "n_heads", "inner_size", "dropout_prob", "window_stride", "item_embedding")
 PRETRAINED_KEYS = ("pretrained_path", "lora_r", "lora_alpha", "lora_dropout", "prompt_prefix", "prompt_suffix")
 
 
@@ -65,6 +66,9 @@ class GenRec(SequentialRecommender):
         else:
             self.vocab = CodeVocab(sids.levels, sids.codebook_size)
             self.lm = build_lm(config, self.vocab)
+            if config["item_embedding"]:  # an item's own vector on its last code token (item_embedding.py)
+                self.lm.set_input_embeddings(ItemTokenEmbedding(
+                    self.lm.get_input_embeddings(), self.vocab, self.item_codes, self.lm.config.initializer_range))
             self.text_prompt = None
         # Each user's whole training sequence, in windows (see calculate_loss); data, not weights.
         self.windows = TrainingWindows(dataset, self.max_seq_length, int(config["window_stride"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from recbole.trainer import Trainer
@@ -10,7 +11,10 @@ from recbole.utils import set_color
 
 from atspeed_rec.recbole_glue.checkpoint import (checkpoint_path, config_key, load_checkpoint, save_checkpoint,
                                                  write_sidecar)
+from atspeed_rec.errors import ConfigError
 from atspeed_rec.recbole_glue.metrics import SpecCollector
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class SafeCheckpointTrainer(Trainer):
@@ -25,6 +29,9 @@ class SafeCheckpointTrainer(Trainer):
         self.eval_collector = SpecCollector(config)
         self.checkpoint_keys = type(model).checkpoint_keys
         self.saved_model_file = str(checkpoint_path(config, config["model"], self.checkpoint_keys))
+        self.lr_schedule = config["lr_schedule"] or "constant"
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule={self.lr_schedule!r} is unknown; fix: choose one of {LR_SCHEDULES}")
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         if not self.config["single_spec"] and self.config["local_rank"] != 0:
@@ -39,12 +46,18 @@ class SafeCheckpointTrainer(Trainer):
             self.logger.info(set_color("Saving current", "blue") + f": {path}")
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self.schedule_learning_rate(len(train_data))
         result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         if saved and not Path(self.saved_model_file).is_file():  # fewer epochs than eval_step: keep the last
             self._save_checkpoint(self.epochs - 1, verbose=verbose)
         if saved:
             self.mark_complete(result)
         return result
+
+    def schedule_learning_rate(self, steps_per_epoch: int) -> None:
+        """`lr_schedule: cosine`: the learning rate follows `cosine_schedule` over all epochs' steps."""
+        if self.lr_schedule == "cosine":
+            cosine_schedule(self.optimizer, steps_per_epoch * self.epochs, steps_per_epoch * self.start_epoch)
 
     def fit_or_resume(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False,
                       callback_fn=None):
@@ -85,3 +98,23 @@ class SafeCheckpointTrainer(Trainer):
         if hasattr(self.model, "start_evaluation"):
             self.model.start_evaluation()
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+
+def cosine_schedule(optimizer, total_steps: int, steps_done: int = 0) -> None:
+    """After every `optimizer.step()` set each group's lr to lr0 * (1 + cos(pi * t / T)) / 2, with t the
+    steps taken (`steps_done` of them before, for a resumed run) and T = `total_steps`: 0 at the end."""
+    total, base = max(1, total_steps), [group["lr"] for group in optimizer.param_groups]
+    taken = steps_done
+
+    def set_lr(*_):
+        factor = 0.5 * (1 + math.cos(math.pi * min(taken, total) / total))
+        for group, lr in zip(optimizer.param_groups, base):
+            group["lr"] = lr * factor
+
+    def after_step(*_):
+        nonlocal taken
+        taken += 1
+        set_lr()
+
+    set_lr()
+    optimizer.register_step_post_hook(after_step)

@@ -1,0 +1,71 @@
+"""A lean inference forward for Llama-architecture LMs: plain tensors in, plain tensors out.
+
+Decoding here calls tiny models many times on a few tokens each. transformers' forward spends
+most of such a call outside the matmuls (cache objects, mask pre-processing, output classes), so
+the draft cost as much per call as the target and speculative decoding could not win. This
+forward runs the SAME modules (embeddings, norms, projections, MLP, LoRA-wrapped layers alike)
+and the same rotary embedding, with the KV cache as a list of (keys, values) tensors
+`[B, kv_heads, T, head_dim]` per layer and an additive 4-D mask built by the caller.
+Equality with transformers' forward is a test (`tests/test_fast_forward.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def llama_parts(model):
+    """(decoder, lm_head) of a `LlamaForCausalLM`-like model, through a peft wrapper if any."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model, base.lm_head
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool `[B, Q, T]` (True = may attend) -> additive `[B, 1, Q, T]`: 0 or dtype-min."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
+        ~visible, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def causal_prompt_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask `[B, 1, P, P]` for left-padded prompts: causal over real tokens; a pad token
+    sees only itself (its output is never used, and no row is empty, so no NaN)."""
+    i = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    causal = (i <= i.unsqueeze(1)) & attention_mask.bool().unsqueeze(1)  # [B, P, P]
+    return additive_mask(causal | (i == i.unsqueeze(1)), dtype)
+
+
+@torch.no_grad()
+def lm_forward(model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+               kv: KV | None = None, keep: torch.Tensor | int | None = None):
+    """Logits after `tokens [B, Q]` (at query indices `keep`, or the last `keep` if an int) and the
+    KV cache grown by the Q tokens.
+
+    positions: `[B, Q]` position ids; mask: additive `[B, 1, Q, T + Q]` over (cache, new tokens);
+    kv: the cache of T tokens, or None. Returns logits `[B, len(keep), V]` and the new KV.
+    """
+    decoder, lm_head = llama_parts(model)
+    B, Q = tokens.shape
+    h = decoder.embed_tokens(tokens)  # [B, Q, D]
+    cos, sin = decoder.rotary_emb(h, positions)
+    new_kv = []
+    for i, layer in enumerate(decoder.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(B, Q, -1, attn.head_dim).transpose(1, 2)  # [B, heads, Q, hd]
+        k = attn.k_proj(x).view(B, Q, -1, attn.head_dim).transpose(1, 2)  # [B, kv_heads, Q, hd]
+        v = attn.v_proj(x).view(B, Q, -1, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if kv is not None:
+            k, v = torch.cat([kv[i][0], k], 2), torch.cat([kv[i][1], v], 2)
+        new_kv.append((k, v))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
+                                           enable_gqa=attn.num_key_value_groups > 1)  # [B, heads, Q, hd]
+        h = h + attn.o_proj(o.transpose(1, 2).reshape(B, Q, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    if keep is not None:
+        h = h[:, -keep:] if isinstance(keep, int) else h[:, keep]
+    return lm_head(decoder.norm(h)), new_kv
