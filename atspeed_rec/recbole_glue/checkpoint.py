@@ -21,7 +21,7 @@ from atspeed_rec.errors import ConfigError
 DATA_KEYS = ("dataset", "load_col", "user_inter_num_interval", "item_inter_num_interval",
              "val_interval", "eval_args", "MAX_ITEM_LIST_LENGTH", "seed")
 TRAIN_KEYS = ("epochs", "learning_rate", "weight_decay", "train_batch_size", "stopping_step",
-              "valid_metric", "eval_step", "clip_grad_norm", "lr_schedule")
+              "valid_metric", "eval_step", "clip_grad_norm", "lr_schedule", "learner")
 
 
 def config_key(config, keys) -> str:
