@@ -92,7 +92,7 @@ def write(args, rows, models, config) -> None:
              f"- target {tp / 1e6:.3f} M parameters, draft {dp / 1e6:.3f} M (target / draft = {tp / dp:.1f}x); "
              f"N = max(draft_beams, K), gamma = {args.gamma or config['gamma']}, batch 1, "
              f"{args.requests} test users, first {args.warmup} untimed",
-             f"- properties: {' '.join(args.override)}", "",
+             f"- properties: {' '.join(o for o in args.override if not o.startswith('align_loss='))}", "",
              "Accepted steps = drafted levels accepted per request (of at most 3 with 4-code IDs); speedup = "
              "median target-only time / median speculative time (strict: vs `beam_search`; relaxed: vs "
              "`beam_sample`); accuracy @c = min(K, 10) on the users' held-out test items.", "",
