@@ -90,7 +90,7 @@ def draft_tree(draft, cache, logprobs, beams: Beams, trie: CodeTrie, vocab: Code
         if j < depth - 1:
             h = logprobs.shape[1]
             rows = (torch.arange(G, device=parent.device).unsqueeze(-1) * h + parent).flatten()  # [G*N]
-            cache = [(k[rows], v[rows]) for k, v in cache]
+            cache = cache_rows(cache, rows)  # each node continues its parent's row
             mask = prompt_mask.repeat_interleave(N, dim=0)
             mask = torch.cat([mask, mask.new_ones(G * N, cur + j + 1)], dim=1)  # prompt + path + tree levels
             logprobs, cache = decode_one_token(draft, vocab.tokens(code, cur + j).flatten(), mask, cache)

@@ -9,9 +9,9 @@ from pathlib import Path
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
+from atspeed_rec.errors import ConfigError
 from atspeed_rec.recbole_glue.checkpoint import (checkpoint_path, config_key, load_checkpoint, save_checkpoint,
                                                  write_sidecar)
-from atspeed_rec.errors import ConfigError
 from atspeed_rec.recbole_glue.metrics import SpecCollector
 
 LR_SCHEDULES = ("constant", "cosine")
