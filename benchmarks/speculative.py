@@ -80,6 +80,7 @@ def parse_args(argv):
     p.add_argument("--requests", type=int, default=200, help="test users per setting")
     p.add_argument("--warmup", type=int, default=5, help="untimed request batches per setting (<= half)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]: where models and requests live")
     p.add_argument("--skip_hf", action="store_true", help="do not time HF generate")
     p.add_argument("--allow_untrained", action="store_true", help="random weights when no checkpoint exists")
     p.add_argument("--output", default=None, help="markdown file (default docs/speculative_{benchmark,frontier}.md)")
@@ -88,6 +89,8 @@ def parse_args(argv):
     bad = [m for m in args.modes if m not in MODES]
     if bad:
         p.error(f"--modes: unknown {bad}, choose from {MODES}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device={args.device}: this machine has no CUDA device (use --device=cpu)")
     for item in args.override:
         if "=" not in item:
             p.error(f"--override expects KEY=VALUE, got {item!r}")
@@ -154,7 +157,7 @@ def load_models(args, modes):
             model = AtSpeedS(config, train._dataset).eval()
             if path is not None:
                 load_checkpoint(model, path)
-            by_path[path] = model
+            by_path[path] = model.to(args.device)
         models[mode] = by_path[path]
         labels[mode] = weights_label(mode, path)
     return models, labels, test, config
@@ -173,11 +176,11 @@ def trim_left(ids, mask):
     return ids[:, start:], mask[:, start:]
 
 
-def make_requests(target, test, n_users: int, batch: int):
-    """`max(1, n_users // batch)` batches of the first test users: [(input_ids, mask, test item)]."""
+def make_requests(target, test, n_users: int, batch: int, device):
+    """`max(1, n_users // batch)` batches of the first test users, on `device`: [(input_ids, mask, test item)]."""
     want, out = max(1, n_users // batch), []
     for interaction, *_ in test:
-        ids, mask = target.prompt(interaction)
+        ids, mask = target.prompt(interaction.to(device))
         truth = interaction[target.ITEM_ID]
         for s in range(0, ids.shape[0] - batch + 1, batch):
             out.append((*trim_left(ids[s:s + batch], mask[s:s + batch]), truth[s:s + batch]))
@@ -191,13 +194,16 @@ def make_requests(target, test, n_users: int, batch: int):
 
 def interleaved(fns: dict, requests, warmup: int):
     """Run every fn on every request batch (order rotated per batch): median seconds after warm-up
-    and every output, {name: (median, [outputs])}."""
+    and every output, {name: (median, [outputs])}. On a GPU each timing waits for its kernels."""
     names, times, outs = list(fns), {n: [] for n in fns}, {n: [] for n in fns}
     warmup = min(warmup, len(requests) // 2)
+    sync = torch.cuda.synchronize if requests[0][0].is_cuda else (lambda: None)
     for i, (ids, mask, _) in enumerate(requests):
         for name in names[i % len(names):] + names[:i % len(names)]:
+            sync()
             start = time.perf_counter()
             outs[name].append(fns[name](ids, mask))
+            sync()
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {n: (statistics.median(times[n]), outs[n]) for n in names}
@@ -207,7 +213,7 @@ def accuracy(results, requests, cut: int):
     """Recall@cut and NDCG@cut of BeamResults against each request's held-out test item."""
     recall = ndcg = users = 0.0
     for res, (_, _, truth) in zip(results, requests):
-        hits = res.items[:, :cut] == truth.unsqueeze(1)
+        hits = res.items[:, :cut] == truth.unsqueeze(1).to(res.items.device)
         found = hits.any(1)
         rank = hits.float().argmax(1)
         recall += float(found.sum())
@@ -240,7 +246,7 @@ def baseline_fn(model, mode, k, generator):
 
 def run_setting(model, mode, requests, k, n, gamma, args) -> dict:
     """One row: times, speedups, acceptance and accuracy of one (mode, K, batch) setting."""
-    generator = torch.Generator().manual_seed(2020)
+    generator = torch.Generator(args.device).manual_seed(2020)
     t = model.target
     fns = {"spec": spec_fn(model, mode, k, n, gamma, generator), "ours": baseline_fn(model, mode, k, generator)}
     if not args.skip_hf:
@@ -264,7 +270,7 @@ def run_setting(model, mode, requests, k, n, gamma, args) -> dict:
 
 def run_frontier(model, mode, requests, k, grid, args) -> list[dict]:
     """K fixed, batch 1: the baseline and every (N, gamma) tree on each request, interleaved."""
-    generator = torch.Generator().manual_seed(2020)
+    generator = torch.Generator(args.device).manual_seed(2020)
     fns = {"ours": baseline_fn(model, mode, k, generator)}
     fns.update({(n, g): spec_fn(model, mode, k, n, g, generator) for n, g in grid})
     res = interleaved(fns, requests, args.warmup)
@@ -295,6 +301,7 @@ def header(args, models, labels, config, title: str) -> list[str]:
              f"- machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
              f"torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
              f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end",
+             f"- device: {device_name(args.device)}",
              f"- dataset: {args.dataset} ({args.data_path}), {args.requests} test users per setting, "
              f"first {args.warmup} request batches of a setting untimed (at most half)",
              f"- target: {tp / 1e6:.3f} M parameters ({config['n_layers']} x {config['hidden_size']}); "
@@ -302,6 +309,12 @@ def header(args, models, labels, config, title: str) -> list[str]:
              f"target / draft = {tp / dp:.1f}x",
              *[f"- weights, {mode}: {label}" for mode, label in labels.items()], ""]
     return lines
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(device)}), float32"
+    return f"{device}, float32"
 
 
 def weights(labels) -> str:
@@ -397,7 +410,7 @@ def benchmark(args, models, labels, test, config) -> None:
     gamma = args.gamma or int(config["gamma"])
     rows = []
     for batch in args.batches:
-        requests = make_requests(models[args.modes[0]].target, test, args.requests, batch)
+        requests = make_requests(models[args.modes[0]].target, test, args.requests, batch, args.device)
         for mode in args.modes:
             for k in args.ks:
                 rows.append(run_setting(models[mode], mode, requests, k, max(n0, k), gamma, args))
@@ -417,7 +430,7 @@ def benchmark(args, models, labels, test, config) -> None:
 def frontier(args, models, labels, test, config) -> None:
     k = 10
     grid = [(n, g) for n in args.frontier_n for g in args.frontier_gamma if n >= k]
-    requests = make_requests(models[args.modes[0]].target, test, args.requests, 1)
+    requests = make_requests(models[args.modes[0]].target, test, args.requests, 1, args.device)
     rows = []
     for mode in args.modes:
         rows += run_frontier(models[mode], mode, requests, k, grid, args)

@@ -80,29 +80,38 @@ class AtSpeedS(SequentialRecommender):
 
     def start_evaluation(self) -> None:
         """Called by the trainer before each evaluation: the same sampling draws whatever ran before."""
-        self.generator.manual_seed(self.seed)
+        self.generator = torch.Generator(self.target.item_codes.device).manual_seed(self.seed)
 
     def speculative(self, input_ids, mask):
+        if self.generator.device != input_ids.device:  # sampling draws on the requests' device
+            self.generator = torch.Generator(input_ids.device).manual_seed(self.seed)
         return speculative_beam_search(
             self.target.lm, self.draft, self.target.trie, self.target.vocab, input_ids, mask,
             self.num_beams, self.draft_beams, self.gamma, mode=self.verification, generator=self.generator)
 
     def full_sort_predict(self, interaction):
         input_ids, mask = self.target.prompt(interaction)
-        start = time.perf_counter()
-        beams, stats = self.speculative(input_ids, mask)
-        spec_seconds = time.perf_counter() - start
+        (beams, stats), spec_seconds = timed(lambda: self.speculative(input_ids, mask), input_ids.device)
         target_seconds = None
         if self.spec_meter.timed_batches < self.timed_batches:  # the same batch, target only
-            start = time.perf_counter()
-            beam_search(self.target.lm, self.target.trie, self.target.vocab, input_ids, mask, self.num_beams)
-            target_seconds = time.perf_counter() - start
+            _, target_seconds = timed(lambda: beam_search(self.target.lm, self.target.trie, self.target.vocab,
+                                                          input_ids, mask, self.num_beams), input_ids.device)
         self.spec_meter.add(len(input_ids), float(stats.accepted_steps.sum()), float(stats.drafted_levels.sum()),
                             float(stats.target_calls.sum()), spec_seconds, target_seconds)
         return beams_to_scores(beams, self.n_items)  # [B, n_items]
 
     def predict(self, interaction):
         return self.target.predict(interaction)
+
+
+def timed(fn, device: torch.device):
+    """(fn(), seconds), waiting for the device's queued kernels before and after (GPU timing)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - start
 
 
 class AtSpeedR(AtSpeedS):
