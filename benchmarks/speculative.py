@@ -13,7 +13,7 @@ test item are computed over all the setting's users.
     python benchmarks/speculative.py --dataset=amazon-beauty --data_path=../shared/datasets --frontier
 
 The first writes docs/speculative_benchmark.md and docs/speculative_speedup.png; the second (fixed
-K = 10, batch 1, a grid of draft widths N and draft depths gamma) docs/speculative_frontier.md and
+K = 10 or --frontier_k, batch 1, a grid of draft widths N and draft depths gamma) docs/speculative_frontier.md and
 docs/speculative_frontier.png. Weights: the trained AtSpeedS checkpoint (strict) and AtSpeedR
 checkpoint (relaxed) of this dataset and configuration in saved/ (either one serves both modes when
 the other is missing); train them first with
@@ -74,7 +74,8 @@ def parse_args(argv):
     p.add_argument("--modes", type=lambda s: s.replace(",", " ").split(), default=list(MODES))
     p.add_argument("--draft_beams", type=int, default=None, help="N (default: the config's; raised to K)")
     p.add_argument("--gamma", type=int, default=None, help="draft levels per round (default: the config's)")
-    p.add_argument("--frontier", action="store_true", help="K = 10, batch 1, over N x gamma instead")
+    p.add_argument("--frontier", action="store_true", help="one K (--frontier_k), batch 1, over N x gamma instead")
+    p.add_argument("--frontier_k", type=int, default=10, help="K of --frontier")
     p.add_argument("--frontier_n", type=int_list, default=[10, 12, 15, 20, 30, 40])
     p.add_argument("--frontier_gamma", type=int_list, default=[1, 2, 3])
     p.add_argument("--requests", type=int, default=200, help="test users per setting")
@@ -428,19 +429,19 @@ def benchmark(args, models, labels, test, config) -> None:
 
 
 def frontier(args, models, labels, test, config) -> None:
-    k = 10
+    k = args.frontier_k
     grid = [(n, g) for n in args.frontier_n for g in args.frontier_gamma if n >= k]
     requests = make_requests(models[args.modes[0]].target, test, args.requests, 1, args.device)
     rows = []
     for mode in args.modes:
         rows += run_frontier(models[mode], mode, requests, k, grid, args)
         print(f"{mode}: best {max(r['speedup'] for r in rows if r['mode'] == mode):.2f}x", flush=True)
-    title = "Speculative beam search: draft tree frontier (K = 10, batch 1)"
+    title = f"Speculative beam search: draft tree frontier (K = {k}, batch 1)"
     lines = header(args, models, labels, config, title) + frontier_table(rows)
     label = lambda r: f"{r['mode']}, gamma {r['gamma']}"  # noqa: E731
     plot_lines(args.plot, [("speedup vs ours", series(rows, label, "n", "speedup")),
                            ("accepted steps per request", series(rows, label, "n", "accepted"))],
-               "N (draft beams per level)", f"{args.dataset}, K = 10, batch 1, {weights(labels)}")
+               "N (draft beams per level)", f"{args.dataset}, K = {k}, batch 1, {weights(labels)}")
     write(args, lines)
 
 

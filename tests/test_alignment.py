@@ -166,10 +166,12 @@ def test_a_draft_whose_vocabulary_does_not_match_the_target_is_refused(synth_roo
     assert "vocabulary of 65 tokens, the target 33" in err and "--draft_checkpoint" in err
 
 
-def test_the_draft_stage_validates_on_the_requested_number_of_users(synth_root, in_tmp_dir, log):
-    assert run(synth_root, "AtSpeedS", in_tmp_dir / "a.json", draft_valid_requests=30) == 0
+def test_the_draft_validates_on_the_requested_users_and_width_and_the_test_decodes_at_num_beams(
+        synth_root, in_tmp_dir, log):
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "a.json", draft_valid_requests=30, draft_valid_beams=5) == 0
     said = plain(log.getvalue())
-    assert "draft validation: 30 of 120 requests" in said
+    assert "draft validation: accepted steps of 30 of 120 requests at K=5" in said
+    assert "testing (strict speculative beam search: K=20, N=40, gamma=1)" in said
 
 
 def test_an_unknown_align_loss_is_refused_with_the_valid_names(synth_root, in_tmp_dir, capsys):

@@ -8,7 +8,8 @@ where it stopped:
    (`alignment/teacher.py`; only for losses evaluated along the target's beams);
 3. draft: trained by RecBole's trainer with (1 - alpha) CE + alpha L_align (`alignment/objective.py`;
    `align_loss` atspeed_s for AtSpeedS, atspeed_r for AtSpeedR), early-stopped on the accepted
-   steps of speculative decoding on the validation set;
+   steps of speculative decoding on validation requests at K = `draft_valid_beams` (at K = N
+   nothing is accepted, whatever the draft);
 4. evaluation: speculative decoding (strict top-K verification for AtSpeedS, relaxed sampling
    verification for AtSpeedR), reporting beside Recall and NDCG the speedup over the target's
    own beam search and the acceptance statistics (`SpecMeter`).
@@ -38,7 +39,8 @@ from atspeed_rec.recbole_glue.trainer import SafeCheckpointTrainer
 
 DRAFT_KEYS = ("draft_n_layers", "draft_hidden_size", "draft_n_heads", "draft_inner_size",
               "draft_dropout_prob", "draft_tie_embeddings", "draft_learning_rate", "draft_weight_decay",
-              "draft_epochs", "draft_eval_step", "draft_checkpoint")
+              "draft_epochs", "draft_eval_step", "draft_checkpoint",
+              "draft_valid_beams", "draft_valid_requests", "draft_beams", "gamma")  # the last four pick the best epoch
 TEACHER_KEYS = ("K_train", "teacher_per_user")  # which samples, how many beams
 ALIGN_KEYS = ("align_loss", "alpha", "tau", "beta", "distillspec_divergence", *TEACHER_KEYS)
 
@@ -81,6 +83,10 @@ class AtSpeedS(SequentialRecommender):
     def start_evaluation(self) -> None:
         """Called by the trainer before each evaluation: the same sampling draws whatever ran before."""
         self.generator = torch.Generator(self.target.item_codes.device).manual_seed(self.seed)
+
+    def decoding(self) -> str:
+        return (f"{self.verification} speculative beam search: K={self.num_beams}, N={self.draft_beams}, "
+                f"gamma={self.gamma}")
 
     def speculative(self, input_ids, mask):
         if self.generator.device != input_ids.device:  # sampling draws on the requests' device
@@ -136,10 +142,15 @@ class AtSpeedTrainer(SafeCheckpointTrainer):
         self.eval_step = int(self.config["draft_eval_step"])
         self.optimizer = self._build_optimizer(params=self.model.draft.parameters())
         some = some_requests(valid_data, int(self.config["draft_valid_requests"]), self.config["seed"])
-        if some is not valid_data:
-            self.logger.info(f"draft validation: {len(some._dataset)} of {len(valid_data._dataset)} requests")
-        valid_data = some
-        return self.fit_or_resume(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        k_valid = min(int(self.config["draft_valid_beams"]), self.model.num_beams)
+        if some is not None:
+            self.logger.info(f"draft validation: accepted steps of {len(some._dataset)} of "
+                             f"{len(valid_data._dataset)} requests at K={k_valid}")
+        self.model.num_beams = k_valid  # validation only: the test split decodes at num_beams
+        try:
+            return self.fit_or_resume(train_data, some, verbose, saved, show_progress, callback_fn)
+        finally:
+            self.model.num_beams = self.model.target.num_beams
 
     def target_config(self):
         config = copy.copy(self.config)

@@ -154,7 +154,8 @@ def run_single(model: str, dataset: str, config_files=None, overrides=None, save
     )
     if distributed:
         torch.distributed.barrier()  # rank 0 has written the best checkpoint
-    logger.info(set_color("stage", "green") + ": testing")
+    decoding = getattr(net, "decoding", None)  # e.g. AtSpeed models: how the test split is decoded
+    logger.info(set_color("stage", "green") + ": testing" + (f" ({decoding()})" if decoding else ""))
     test = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
     logger.info(set_color("best valid ", "yellow") + f": {dict(best_valid or {})}")
     logger.info(set_color("test result", "yellow") + f": {dict(test)}")
