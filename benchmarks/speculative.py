@@ -235,14 +235,14 @@ def acceptance(stats):
 def spec_fn(model, mode, k, n, gamma, generator):
     t = model.target
     return lambda ids, mask: speculative_beam_search(t.lm, model.draft, t.trie, t.vocab, ids, mask, k, n,
-                                                     gamma, mode, generator)
+                                                     gamma, mode, generator, model.temperature)
 
 
 def baseline_fn(model, mode, k, generator):
     t = model.target
     if mode == "strict":
         return lambda ids, mask: beam_search(t.lm, t.trie, t.vocab, ids, mask, k)
-    return lambda ids, mask: beam_sample(t.lm, t.trie, t.vocab, ids, mask, k, generator)
+    return lambda ids, mask: beam_sample(t.lm, t.trie, t.vocab, ids, mask, k, generator, model.temperature)
 
 
 def run_setting(model, mode, requests, k, n, gamma, args) -> dict:

@@ -66,3 +66,8 @@ def test_strict_decoding_equals_target_beam_search_for_every_test_user(synth_roo
 def test_fewer_draft_beams_than_target_beams_is_refused(synth_root, in_tmp_dir, capsys):
     assert run(synth_root, "AtSpeedS", in_tmp_dir / "x.json", draft_beams=5) == 2
     assert "draft_beams=5 < num_beams=20" in capsys.readouterr().err
+
+
+def test_a_non_positive_sampling_temperature_is_refused(synth_root, in_tmp_dir, capsys):
+    assert run(synth_root, "AtSpeedR", in_tmp_dir / "x.json", sample_temperature=0) == 2
+    assert "sample_temperature=0.0" in capsys.readouterr().err

@@ -93,10 +93,11 @@ def test_a_draft_equal_to_the_target_is_accepted_at_every_level():
         _, stats = speculative_beam_search(target, target, trie, VOCAB, ids, mask, k, n, gamma=3)
         assert stats.target_calls.tolist() == [1, 1, 1] and stats.accepted_steps.tolist() == [3, 3, 3]
         assert stats.draft_calls == 3  # prefill + 2 tree levels, the whole batch at once
-    for k in [1, 3, 10]:  # relaxed: with N == K the draft's tree is the target's beam sample
-        _, stats = speculative_beam_search(target, target, trie, VOCAB, ids, mask, k, k, gamma=3, mode="relaxed",
-                                           generator=torch.Generator().manual_seed(k))
-        assert stats.accepted_steps.tolist() == [3, 3, 3]
+    for k in [1, 3, 10]:  # relaxed: with N == K the draft's tree is the target's beam sample, at any temperature
+        for temperature in [1.0, 0.5]:
+            _, stats = speculative_beam_search(target, target, trie, VOCAB, ids, mask, k, k, gamma=3, mode="relaxed",
+                                               generator=torch.Generator().manual_seed(k), temperature=temperature)
+            assert stats.accepted_steps.tolist() == [3, 3, 3]
 
 
 def test_an_adversarial_draft_still_gives_the_exact_strict_output():
@@ -221,6 +222,14 @@ def test_beam_sampling_returns_valid_distinct_items_sorted_by_target_score():
         assert_valid_distinct_sorted(result, trie, target, ids, mask)
 
 
+def test_beam_sampling_at_a_tiny_temperature_is_beam_search():
+    codes, trie, target, _ = world(2)
+    ids, mask = prompts(codes, 3, 2)
+    for k in [1, 10]:
+        sampled = beam_sample(target, trie, VOCAB, ids, mask, k, torch.Generator().manual_seed(k), temperature=1e-6)
+        assert_same_as_beam_search(sampled, beam_search(target, trie, VOCAB, ids, mask, k))
+
+
 def test_requests_that_finish_in_different_rounds_each_get_their_own_result():
     codes, trie, target, draft = world(0)
     ids, mask = prompts(codes, 3, 0)
@@ -230,9 +239,9 @@ def test_requests_that_finish_in_different_rounds_each_get_their_own_result():
     assert_same_as_beam_search(spec, beam_search(target, trie, VOCAB, ids, mask, num_beams=1))
 
 
-def item_distribution(model, trie, codes, ids, mask):
+def item_distribution(model, trie, codes, ids, mask, temperature=1.0):
     """Exact probability of each item under target sampling with K = 1: the product over levels of
-    p(c_t | prefix) renormalised over the codes the trie allows there."""
+    p(c_t | prefix)^(1/T) renormalised over the codes the trie allows there."""
     n = codes.shape[0]
     tokens = torch.cat([ids.expand(n, -1), VOCAB.tokens(codes)], 1)
     full = torch.cat([mask.expand(n, -1), mask.new_ones(n, 4)], 1)
@@ -242,21 +251,23 @@ def item_distribution(model, trie, codes, ids, mask):
     total = torch.zeros(n)
     for t in range(4):
         code_lp = VOCAB.code_logits(lp[:, t], t).masked_fill(~trie.allowed_after(codes[:, :t]), float("-inf"))
+        code_lp = code_lp / temperature
         total += code_lp.gather(1, codes[:, t:t + 1]).squeeze(1) - code_lp.logsumexp(-1)
     return total.exp()
 
 
-def test_relaxed_mode_with_one_beam_samples_items_exactly_as_the_target_does():
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_relaxed_mode_with_one_beam_samples_items_exactly_as_the_target_does(temperature):
     g = torch.Generator().manual_seed(7)
     codes = torch.unique(torch.randint(0, 3, (40, 4), generator=g), dim=0)[:24]  # few items: dense probabilities
     trie = CodeTrie(codes, 8, item_offset=1)
     _, _, target, draft = world(1)
     ids, mask = prompts(codes, 1, 7)
-    exact = item_distribution(target, trie, codes, ids, mask)
+    exact = item_distribution(target, trie, codes, ids, mask, temperature)
     trials = 4000
     ids, mask = ids.expand(trials, -1), mask.expand(trials, -1)
     for result in [speculative_beam_search(target, draft, trie, VOCAB, ids, mask, 1, 1, gamma=3, mode="relaxed",
-                                           generator=g)[0],
-                   beam_sample(target, trie, VOCAB, ids, mask, 1, g)]:
+                                           generator=g, temperature=temperature)[0],
+                   beam_sample(target, trie, VOCAB, ids, mask, 1, g, temperature)]:
         freq = torch.bincount(result.items.flatten() - 1, minlength=codes.shape[0]).float() / trials
         torch.testing.assert_close(freq, exact, atol=0.03, rtol=0)  # one item's std <= 0.008

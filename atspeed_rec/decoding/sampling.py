@@ -2,7 +2,8 @@
 
 `beam_sample` is the target-only baseline of relaxed speculative decoding: at every step it draws
 K (beam, code) pairs without replacement from the softmax of the cumulative scores
-S(h) + log p(v | h), instead of keeping the top K.
+(S(h) + log p(v | h)) / T, instead of keeping the top K. The temperature T sharpens (T < 1) or
+flattens the draws; T -> 0 is beam search. Beams keep their untempered scores.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ def gumbel_top_k(logits: torch.Tensor, k: int, generator=None):
     return flat, top > NEG_INF
 
 
-def sample_top_k(beam_scores: torch.Tensor, code_lp: torch.Tensor, k: int, generator=None):
+def sample_top_k(beam_scores: torch.Tensor, code_lp: torch.Tensor, k: int, generator=None, temperature: float = 1.0):
     """Like `select_top_k`, but the k (parent, code) pairs are SAMPLED without replacement from
-    softmax(S(h) + log p(v | h)). Returns parent, code, score `[B, k]` in draw order, -inf scores
-    for empty slots."""
+    softmax((S(h) + log p(v | h)) / T). Returns parent, code, score `[B, k]` in draw order (untempered
+    scores), -inf scores for empty slots."""
     C = code_lp.shape[-1]
     total = (beam_scores.unsqueeze(-1) + code_lp).flatten(1)  # [B, H * C]
-    flat, valid = gumbel_top_k(total, k, generator)  # softmax is shift-invariant: no normalisation needed
+    flat, valid = gumbel_top_k(total / temperature, k, generator)  # softmax is shift-invariant: no normalising
     score = total.gather(1, flat).masked_fill(~valid, NEG_INF)
     return flat // C, flat % C, score
 
@@ -49,9 +50,9 @@ def sort_beams(codes: torch.Tensor, scores: torch.Tensor, items: torch.Tensor):
 
 
 def beam_sample(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                num_beams: int, generator=None) -> BeamResult:
-    """K distinct valid items per prompt by trie-constrained beam sampling, sorted by score."""
+                num_beams: int, generator=None, temperature: float = 1.0) -> BeamResult:
+    """K distinct valid items per prompt by trie-constrained beam sampling at `temperature`, sorted by score."""
     out = beam_search(model, trie, vocab, input_ids, attention_mask, num_beams,
-                      select=lambda scores, code_lp, k: sample_top_k(scores, code_lp, k, generator))
+                      select=lambda scores, code_lp, k: sample_top_k(scores, code_lp, k, generator, temperature))
     codes, scores, items = sort_beams(out.codes, out.scores, out.items)
     return BeamResult(items=items, codes=codes, scores=scores, forward_calls=out.forward_calls)

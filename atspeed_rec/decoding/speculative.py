@@ -10,7 +10,8 @@ One round, for the requests at depth `cur` with H current beams (codes and TARGE
    `beam_search` keeps; the level is accepted if every live pair of T_i is a drafted node, else
    (or at i == d, the bonus step) T_i is emitted and the round stops: lossless. Relaxed: each
    drafted node is accepted with prob min(1, p/q); with >= K accepted keep K at random and go on,
-   else keep them, fill up from the residual max(p - q, 0) and stop.
+   else keep them, fill up from the residual max(p - q, 0) and stop. p and q are the softmax of
+   cumulative scores divided by a temperature T (`beam_sample`'s), 1 by default.
 A round advances (accepted levels + 1) codes. Requests at the same depth share the round's calls;
 deeper ones wait (the shallowest depth goes first), finished ones leave the batch. Both models keep
 only their prompt KV between rounds: the beam paths (<= K * (L - 1) tokens) are re-fed each round.
@@ -67,7 +68,7 @@ def draft_paths(draft, kv, rows, prompt_mask, beams: Beams, vocab: CodeVocab):
 
 
 def draft_tree(draft, cache, logprobs, beams: Beams, trie: CodeTrie, vocab: CodeVocab, prompt_mask,
-               depth: int, width: int, mode: str, generator=None):
+               depth: int, width: int, mode: str, generator=None, temperature: float = 1.0):
     """`depth` levels of width-`width` beam search from the current beams.
 
     logprobs: `[G, H, V]` draft log-probs after each current beam; `cache` rows G*H hold their paths.
@@ -81,9 +82,9 @@ def draft_tree(draft, cache, logprobs, beams: Beams, trie: CodeTrie, vocab: Code
         if mode == "strict":
             parent, code, scores = select_top_k(scores, code_lp, N)  # top-N of S + log q
         else:
-            q = torch.log_softmax((scores.unsqueeze(-1) + code_lp).flatten(1), -1)  # q_j over (parent, code)
+            q = torch.log_softmax((scores.unsqueeze(-1) + code_lp).flatten(1) / temperature, -1)  # q_j: (parent, code)
             logq.append(q.view_as(code_lp))
-            parent, code, scores = sample_top_k(scores, code_lp, N, generator)
+            parent, code, scores = sample_top_k(scores, code_lp, N, generator, temperature)
         live = scores > NEG_INF
         nodes = torch.where(live, trie.step(nodes.gather(1, parent), code, cur + j), 0)  # [G, N]
         parents.append(parent), codes.append(code), alive.append(live)
@@ -220,7 +221,7 @@ def relaxed_level(logp, logq, parents, codes, alive, where, beam_alive, K: int, 
 
 
 def verify_relaxed(lp_beams, lp_tree, tree: DraftTree, beams: Beams, K: int, trie: CodeTrie, vocab: CodeVocab,
-                   generator=None):
+                   generator=None, temperature: float = 1.0):
     """Relaxed sampling verification of one tree per request; same returns as `verify_strict`
     (beams in draw order, not sorted)."""
     G, H, cur = beams.codes.shape
@@ -232,7 +233,7 @@ def verify_relaxed(lp_beams, lp_tree, tree: DraftTree, beams: Beams, K: int, tri
     for i in range(d + 1):
         code_lp = masked_code_logprobs(lp, vocab, trie, beams.nodes, cur + i)  # [G, h, C]
         total = (beams.scores.unsqueeze(-1) + code_lp).flatten(1)  # [G, h*C] S_p(h) + log p(v | h)
-        logp = torch.log_softmax(total, -1)  # p_i
+        logp = torch.log_softmax(total / temperature, -1)  # p_i
         if i == d:  # bonus: sample K from p_d
             flat, valid = gumbel_top_k(logp, K, generator)
             go_on = torch.zeros_like(running)
@@ -258,16 +259,19 @@ def verify_relaxed(lp_beams, lp_tree, tree: DraftTree, beams: Beams, K: int, tri
 @torch.no_grad()
 def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor,
                             attention_mask: torch.Tensor, num_beams: int, draft_beams: int, gamma: int,
-                            mode: str = "strict", generator=None) -> tuple[BeamResult, SpecStats]:
+                            mode: str = "strict", generator=None, temperature: float = 1.0
+                            ) -> tuple[BeamResult, SpecStats]:
     """Top-`num_beams` valid items per left-padded prompt `input_ids [B, P]`, by speculative beam search.
 
     strict: the same items, order and scores (up to float noise) as `beam_search(target, ...)`.
-    relaxed: an approximation of `beam_sample(target, ...)`, sorted by target score.
+    relaxed: an approximation of `beam_sample(target, ..., temperature)`, sorted by target score.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if draft_beams < num_beams or gamma < 1:
         raise ValueError(f"need draft_beams >= num_beams and gamma >= 1, got {draft_beams}, {num_beams}, {gamma}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     B, K, N, L = input_ids.shape[0], num_beams, draft_beams, vocab.levels
     dev = input_ids.device
     codes = input_ids.new_zeros(B, K, L)
@@ -296,7 +300,7 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
                 logprobs = logprobs.unsqueeze(1)  # [G, 1, V]
             else:
                 logprobs, cache = draft_paths(draft, draft_kv, rows, mask, beams, vocab)
-            tree, n = draft_tree(draft, cache, logprobs, beams, trie, vocab, mask, d, N, mode, generator)
+            tree, n = draft_tree(draft, cache, logprobs, beams, trie, vocab, mask, d, N, mode, generator, temperature)
             stats.draft_calls += 1 + n
         if cur == 0:
             lp_beams, lp_tree, target_kv = tree_forward(target, vocab, mask, beams.codes, tree,
@@ -307,7 +311,7 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
         if mode == "strict":
             new, advanced = verify_strict(lp_beams, lp_tree, tree, beams, K, trie, vocab)
         else:
-            new, advanced = verify_relaxed(lp_beams, lp_tree, tree, beams, K, trie, vocab, generator)
+            new, advanced = verify_relaxed(lp_beams, lp_tree, tree, beams, K, trie, vocab, generator, temperature)
         width = new.codes.shape[-1]
         codes[rows, :, :width] = new.codes
         scores[rows], nodes[rows] = new.scores, new.nodes

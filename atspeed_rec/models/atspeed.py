@@ -40,7 +40,8 @@ from atspeed_rec.recbole_glue.trainer import SafeCheckpointTrainer
 DRAFT_KEYS = ("draft_n_layers", "draft_hidden_size", "draft_n_heads", "draft_inner_size",
               "draft_dropout_prob", "draft_tie_embeddings", "draft_learning_rate", "draft_weight_decay",
               "draft_epochs", "draft_eval_step", "draft_checkpoint",
-              "draft_valid_beams", "draft_valid_requests", "draft_beams", "gamma")  # the last four pick the best epoch
+              "draft_valid_beams", "draft_valid_requests", "draft_beams", "gamma",
+              "sample_temperature")  # the last five decide the validation that picks the best epoch
 TEACHER_KEYS = ("K_train", "teacher_per_user")  # which samples, how many beams
 ALIGN_KEYS = ("align_loss", "alpha", "tau", "beta", "distillspec_divergence", *TEACHER_KEYS)
 
@@ -68,7 +69,11 @@ class AtSpeedS(SequentialRecommender):
             raise ConfigError(f"draft_beams={self.draft_beams} < num_beams={self.num_beams}: the draft "
                               f"must propose at least the K target beams; fix: --draft_beams={self.num_beams}")
         if self.gamma < 1:
-            raise ConfigError(f"gamma={self.gamma}: the draft must propose at least one level; fix: --gamma=3")
+            raise ConfigError(f"gamma={self.gamma}: the draft must propose at least one level; fix: --gamma=1")
+        self.temperature = float(config["sample_temperature"])
+        if not self.temperature > 0:
+            raise ConfigError(f"sample_temperature={self.temperature}: relaxed sampling divides scores by it; "
+                              "fix: a value > 0 (1 = plain beam sampling, smaller = closer to beam search)")
         self.timed_batches = int(config["speedup_batches"])  # batches also decoded target-only
         self.seed = int(config["seed"])
         self.generator = torch.Generator().manual_seed(self.seed)  # relaxed sampling
@@ -85,15 +90,17 @@ class AtSpeedS(SequentialRecommender):
         self.generator = torch.Generator(self.target.item_codes.device).manual_seed(self.seed)
 
     def decoding(self) -> str:
+        temperature = f", temperature={self.temperature:g}" if self.verification == "relaxed" else ""
         return (f"{self.verification} speculative beam search: K={self.num_beams}, N={self.draft_beams}, "
-                f"gamma={self.gamma}")
+                f"gamma={self.gamma}{temperature}")
 
     def speculative(self, input_ids, mask):
         if self.generator.device != input_ids.device:  # sampling draws on the requests' device
             self.generator = torch.Generator(input_ids.device).manual_seed(self.seed)
         return speculative_beam_search(
             self.target.lm, self.draft, self.target.trie, self.target.vocab, input_ids, mask,
-            self.num_beams, self.draft_beams, self.gamma, mode=self.verification, generator=self.generator)
+            self.num_beams, self.draft_beams, self.gamma, mode=self.verification, generator=self.generator,
+            temperature=self.temperature)
 
     def full_sort_predict(self, interaction):
         input_ids, mask = self.target.prompt(interaction)
