@@ -70,8 +70,8 @@ def main(argv=None) -> int:
     rows, models, config = [], {}, None
     for loss in args.losses:
         model, test, config = draft_for(args, loss)
-        models[loss] = model
-        requests = sb.make_requests(model.target, test, args.requests, 1)
+        models[loss] = model = model.to(args.device)
+        requests = sb.make_requests(model.target, test, args.requests, 1, args.device)
         with torch.no_grad():
             for mode in args.modes:
                 for k in args.ks:
