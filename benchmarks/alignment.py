@@ -93,7 +93,8 @@ def write(args, rows, models, config) -> None:
              f"N = max(draft_beams, K), gamma = {args.gamma or config['gamma']}, batch 1, "
              f"{args.requests} test users, first {args.warmup} untimed",
              f"- properties: {' '.join(o for o in args.override if not o.startswith('align_loss='))}", "",
-             "Accepted steps = drafted levels accepted per request (of at most 3 with 4-code IDs); speedup = "
+             "Accepted steps = drafted levels accepted per request (at most 3 with 4-code IDs, at most 2 with "
+             "gamma = 1); speedup = "
              "median target-only time / median speculative time (strict: vs `beam_search`; relaxed: vs "
              "`beam_sample`); accuracy @c = min(K, 10) on the users' held-out test items.", "",
              "| align_loss | mode | K | accepted steps | target calls | speedup | SD Recall | SD NDCG "

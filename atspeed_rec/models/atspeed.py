@@ -172,6 +172,8 @@ class AtSpeedTrainer(SafeCheckpointTrainer):
         trainer = SafeCheckpointTrainer(self.target_config(), target)
         self.logger.info(set_color("stage", "green") + f": the GenRec target ({trainer.saved_model_file})")
         trainer.fit_or_resume(train_data, valid_data, saved=True, show_progress=show_progress)
+        if not self.config["single_spec"]:
+            torch.distributed.barrier()  # only rank 0 writes the checkpoint: the others wait for it
         load_checkpoint(target, trainer.saved_model_file)  # the best epoch, not the last
         for p in target.parameters():
             p.requires_grad_(False)
