@@ -35,7 +35,6 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -48,7 +47,7 @@ from atspeed_rec.decoding.hf_generate import hf_beam_search
 from atspeed_rec.decoding.sampling import beam_sample
 from atspeed_rec.decoding.speculative import MODES, speculative_beam_search
 from atspeed_rec.errors import AtSpeedError
-from atspeed_rec.models.atspeed import AtSpeedR, AtSpeedS
+from atspeed_rec.models.atspeed import AtSpeedR, AtSpeedS, timed
 from atspeed_rec.recbole_glue.checkpoint import checkpoint_path, load_checkpoint
 from atspeed_rec.recbole_glue.cli import parse_value
 from atspeed_rec.recbole_glue.runner import build_config, check_dataset
@@ -198,15 +197,12 @@ def interleaved(fns: dict, requests, warmup: int):
     and every output, {name: (median, [outputs])}. On a GPU each timing waits for its kernels."""
     names, times, outs = list(fns), {n: [] for n in fns}, {n: [] for n in fns}
     warmup = min(warmup, len(requests) // 2)
-    sync = torch.cuda.synchronize if requests[0][0].is_cuda else (lambda: None)
     for i, (ids, mask, _) in enumerate(requests):
         for name in names[i % len(names):] + names[:i % len(names)]:
-            sync()
-            start = time.perf_counter()
-            outs[name].append(fns[name](ids, mask))
-            sync()
+            out, seconds = timed(lambda: fns[name](ids, mask), ids.device)  # noqa: B023 (called at once)
+            outs[name].append(out)
             if i >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     return {n: (statistics.median(times[n]), outs[n]) for n in names}
 
 

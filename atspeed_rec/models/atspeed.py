@@ -76,7 +76,7 @@ class AtSpeedS(SequentialRecommender):
                               "fix: a value > 0 (1 = plain beam sampling, smaller = closer to beam search)")
         self.timed_batches = int(config["speedup_batches"])  # batches also decoded target-only
         self.seed = int(config["seed"])
-        self.generator = torch.Generator().manual_seed(self.seed)  # relaxed sampling
+        self.generator: torch.Generator | None = None  # relaxed sampling; made on the requests' device
         self.spec_meter = SpecMeter()
         self.align = AlignConfig.from_config(config, self.num_beams)
         self.samples: SampleIndex | None = None  # alignment samples, set by the trainer's teacher stage
@@ -87,7 +87,7 @@ class AtSpeedS(SequentialRecommender):
 
     def start_evaluation(self) -> None:
         """Called by the trainer before each evaluation: the same sampling draws whatever ran before."""
-        self.generator = torch.Generator(self.target.item_codes.device).manual_seed(self.seed)
+        self.generator = None  # reseeded at the next batch
 
     def decoding(self) -> str:
         temperature = f", temperature={self.temperature:g}" if self.verification == "relaxed" else ""
@@ -95,7 +95,7 @@ class AtSpeedS(SequentialRecommender):
                 f"gamma={self.gamma}{temperature}")
 
     def speculative(self, input_ids, mask):
-        if self.generator.device != input_ids.device:  # sampling draws on the requests' device
+        if self.generator is None or self.generator.device != input_ids.device:
             self.generator = torch.Generator(input_ids.device).manual_seed(self.seed)
         return speculative_beam_search(
             self.target.lm, self.draft, self.target.trie, self.target.vocab, input_ids, mask,
