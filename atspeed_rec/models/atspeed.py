@@ -33,7 +33,7 @@ from atspeed_rec.decoding.speculative import speculative_beam_search
 from atspeed_rec.errors import ConfigError
 from atspeed_rec.models.genrec import GenRec, beams_to_scores
 from atspeed_rec.models.lm import build_lm
-from atspeed_rec.recbole_glue.checkpoint import checkpoint_path, config_key, load_checkpoint
+from atspeed_rec.recbole_glue.checkpoint import config_key, load_checkpoint
 from atspeed_rec.recbole_glue.metrics import SpecMeter
 from atspeed_rec.recbole_glue.trainer import SafeCheckpointTrainer
 
