@@ -9,6 +9,7 @@ from test_atspeed import SMALL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import alignment  # noqa: E402
+import breakdown  # noqa: E402
 import speculative  # noqa: E402
 
 
@@ -40,6 +41,24 @@ def test_the_alignment_benchmark_trains_a_draft_per_loss_and_compares_with_none(
     assert alignment.main(argv) == 0
     table = (in_tmp_dir / "table.md").read_text()
     assert "| atspeed_r | strict | 3 |" in table and "vs none" in table
+
+
+def test_the_breakdown_splits_each_search_into_its_labelled_stages(synth_root, in_tmp_dir):
+    argv = common(synth_root, in_tmp_dir) + ["--allow_untrained", "--ks=3", "--draft_beams=6", "--gamma=2"]
+    assert breakdown.main(argv) == 0
+    rows = {}
+    for line in (in_tmp_dir / "table.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in ("strict", "relaxed"):
+            rows[cells[0], cells[1]] = [float(c) for c in cells[3:8]]  # target, draft, verify, other %, calls
+    assert set(rows) == {("strict", "speculative"), ("strict", "beam_search"),
+                         ("relaxed", "speculative"), ("relaxed", "beam_sample")}
+    for (mode, search), (target, draft, verify, other, calls) in rows.items():
+        assert target > 0 and verify > 0 and 99 <= target + draft + verify + other <= 101
+        assert (draft > 0) == (search == "speculative")  # only speculative decoding runs a draft
+    for mode, baseline in (("strict", "beam_search"), ("relaxed", "beam_sample")):
+        assert rows[mode, baseline][4] == 4  # one target pass per code level (sid_levels: 4)
+        assert 1 <= rows[mode, "speculative"][4] <= 4  # a round advances at least one level
 
 
 def test_a_cuda_device_on_a_machine_without_one_is_refused(capsys):

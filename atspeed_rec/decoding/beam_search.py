@@ -18,12 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from atspeed_rec.models.fast_forward import KV, additive_mask, causal_prompt_mask, lm_forward
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
 NEG_INF = float("-inf")
+# torch.profiler labels of a search's stages (benchmarks/breakdown.py sums them); free when not profiling
+STAGES = {"target": "atspeed::target_pass", "draft": "atspeed::draft", "verify": "atspeed::verify_or_select"}
 
 
 @dataclass
@@ -125,20 +128,24 @@ def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor
     step: the top k here, k sampled without replacement for beam sampling (`sampling.py`).
     """
     B, K, L = input_ids.shape[0], num_beams, vocab.levels
-    logprobs, kv = prefill(model, input_ids, attention_mask)  # [B, V]; the prompts' KV, shared by their beams
-    nodes = trie.root_nodes(B, 1)  # [B, 1]
-    code_lp = masked_code_logprobs(logprobs.unsqueeze(1), vocab, trie, nodes, 0)  # [B, 1, C]
-    parent, code, scores = select(input_ids.new_zeros(B, 1, dtype=torch.float), code_lp, K)
-    codes = code.unsqueeze(-1)  # [B, K, 1]
-    alive = scores > NEG_INF
-    nodes = torch.where(alive, trie.step(nodes.expand(B, K), code, 0), 0)  # [B, K]
-    for level in range(1, L):
-        logprobs = paths_forward(model, vocab, kv, attention_mask, codes)  # [B, K, V]
-        code_lp = masked_code_logprobs(logprobs, vocab, trie, nodes, level)
-        parent, code, scores = select(scores, code_lp, K)
-        codes = torch.cat([codes.gather(1, parent.unsqueeze(-1).expand(-1, -1, level)),
-                           code.unsqueeze(-1)], dim=-1)  # [B, K, level + 1]
+    with record_function(STAGES["target"]):
+        logprobs, kv = prefill(model, input_ids, attention_mask)  # [B, V]; the prompts' KV, shared by their beams
+    with record_function(STAGES["verify"]):
+        nodes = trie.root_nodes(B, 1)  # [B, 1]
+        code_lp = masked_code_logprobs(logprobs.unsqueeze(1), vocab, trie, nodes, 0)  # [B, 1, C]
+        parent, code, scores = select(input_ids.new_zeros(B, 1, dtype=torch.float), code_lp, K)
+        codes = code.unsqueeze(-1)  # [B, K, 1]
         alive = scores > NEG_INF
-        nodes = torch.where(alive, trie.step(nodes.gather(1, parent), code, level), 0)
+        nodes = torch.where(alive, trie.step(nodes.expand(B, K), code, 0), 0)  # [B, K]
+    for level in range(1, L):
+        with record_function(STAGES["target"]):
+            logprobs = paths_forward(model, vocab, kv, attention_mask, codes)  # [B, K, V]
+        with record_function(STAGES["verify"]):
+            code_lp = masked_code_logprobs(logprobs, vocab, trie, nodes, level)
+            parent, code, scores = select(scores, code_lp, K)
+            codes = torch.cat([codes.gather(1, parent.unsqueeze(-1).expand(-1, -1, level)),
+                               code.unsqueeze(-1)], dim=-1)  # [B, K, level + 1]
+            alive = scores > NEG_INF
+            nodes = torch.where(alive, trie.step(nodes.gather(1, parent), code, level), 0)
     items = torch.where(alive, nodes, -1)  # the last trie step yields item ids
     return BeamResult(items=items, codes=codes, scores=scores, forward_calls=L)

@@ -22,9 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
-from atspeed_rec.decoding.beam_search import (NEG_INF, BeamResult, decode_one_token, masked_code_logprobs,
-                                              prefill, select_top_k)
+from atspeed_rec.decoding.beam_search import (NEG_INF, STAGES, BeamResult, decode_one_token,
+                                              masked_code_logprobs, prefill, select_top_k)
 from atspeed_rec.decoding.sampling import gumbel, gumbel_top_k, sample_top_k, sort_beams
 from atspeed_rec.decoding.tree import DraftTree, cache_rows, tree_forward
 from atspeed_rec.models.fast_forward import additive_mask, lm_forward
@@ -294,24 +295,30 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
         if d == 0:
             tree = DraftTree.empty(G, N, dev)
         else:
-            if cur == 0:
-                logprobs, draft_kv = prefill(draft, input_ids[rows], mask)
-                cache = draft_kv
-                logprobs = logprobs.unsqueeze(1)  # [G, 1, V]
-            else:
-                logprobs, cache = draft_paths(draft, draft_kv, rows, mask, beams, vocab)
-            tree, n = draft_tree(draft, cache, logprobs, beams, trie, vocab, mask, d, N, mode, generator, temperature)
+            with record_function(STAGES["draft"]):
+                if cur == 0:
+                    logprobs, draft_kv = prefill(draft, input_ids[rows], mask)
+                    cache = draft_kv
+                    logprobs = logprobs.unsqueeze(1)  # [G, 1, V]
+                else:
+                    logprobs, cache = draft_paths(draft, draft_kv, rows, mask, beams, vocab)
+                tree, n = draft_tree(draft, cache, logprobs, beams, trie, vocab, mask, d, N, mode, generator,
+                                     temperature)
             stats.draft_calls += 1 + n
-        if cur == 0:
-            lp_beams, lp_tree, target_kv = tree_forward(target, vocab, mask, beams.codes, tree,
-                                                        prompt_ids=input_ids[rows])  # prefill + tree
-        else:
-            lp_beams, lp_tree, _ = tree_forward(target, vocab, mask, beams.codes, tree, cache_rows(target_kv, rows))
+        with record_function(STAGES["target"]):
+            if cur == 0:
+                lp_beams, lp_tree, target_kv = tree_forward(target, vocab, mask, beams.codes, tree,
+                                                            prompt_ids=input_ids[rows])  # prefill + tree
+            else:
+                lp_beams, lp_tree, _ = tree_forward(target, vocab, mask, beams.codes, tree,
+                                                    cache_rows(target_kv, rows))
         calls += 1
-        if mode == "strict":
-            new, advanced = verify_strict(lp_beams, lp_tree, tree, beams, K, trie, vocab)
-        else:
-            new, advanced = verify_relaxed(lp_beams, lp_tree, tree, beams, K, trie, vocab, generator, temperature)
+        with record_function(STAGES["verify"]):
+            if mode == "strict":
+                new, advanced = verify_strict(lp_beams, lp_tree, tree, beams, K, trie, vocab)
+            else:
+                new, advanced = verify_relaxed(lp_beams, lp_tree, tree, beams, K, trie, vocab, generator,
+                                               temperature)
         width = new.codes.shape[-1]
         codes[rows, :, :width] = new.codes
         scores[rows], nodes[rows] = new.scores, new.nodes
