@@ -1,13 +1,13 @@
 """Where a speculative request's time goes: target passes, draft, verification, everything else.
 
-For one K, N and gamma (default: the config's), batch 1, the first `--requests` test users are
-decoded by speculative beam search and by the target-only baseline (strict: `beam_search`,
-relaxed: `beam_sample`). Both are timed without the profiler, interleaved on the same requests
-(median ms per request after `--warmup` requests, as `speculative.py` times them), then run once
-more under torch.profiler, whose labelled stages
-(`beam_search.STAGES`: every target forward; the draft's calls and tree; verification, or the
-baseline's trie-masked top-K selection) give each stage's share of the time. Writes a markdown
-table (default docs/speculative_breakdown.md).
+For one K (`--ks`, default 10), N and gamma (default: the config's), batch 1, the first
+`--requests` test users are decoded by speculative beam search and by the target-only baseline
+(strict: `beam_search`, relaxed: `beam_sample`). Both are timed without the profiler, interleaved
+on the same requests (median ms per request after `--warmup` requests, as `speculative.py` times
+them), then run once more under torch.profiler, whose labelled stages (`beam_search.STAGES`: every
+target forward; the draft's calls and tree; verification, or the baseline's trie-masked top-K
+selection) give each stage's share of the time. Writes a markdown table (default
+docs/speculative_breakdown.md).
 
     python benchmarks/breakdown.py --dataset=amazon-beauty --data_path=../shared/datasets --ks=10
 
@@ -30,6 +30,19 @@ from atspeed_rec.decoding.beam_search import STAGES
 from atspeed_rec.errors import AtSpeedError
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv):
+    """speculative.py's options; `--ks` takes ONE K here (default 10)."""
+    argv = list(argv)
+    args = bench.parse_args(argv)
+    if not any(a.startswith("--ks") for a in argv):
+        args.ks = [10]
+    if len(args.ks) != 1:
+        sys.exit(f"error: --ks: the breakdown takes one K (got {args.ks}); e.g. --ks=10")
+    if "--output" not in " ".join(argv):
+        args.output = ROOT / "docs" / "speculative_breakdown.md"
+    return args
 
 
 def stage_shares(fn, requests) -> dict:
@@ -78,16 +91,14 @@ def table(rows) -> list[str]:
 
 
 def main(argv=None) -> int:
-    args = bench.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.output == ROOT / "docs" / "speculative_benchmark.md":
-        args.output = ROOT / "docs" / "speculative_breakdown.md"
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     try:
         models, labels, test, config = bench.load_models(args, args.modes)
     except AtSpeedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    k = args.ks[0] if len(args.ks) == 1 else 10  # one --ks value, else 10
+    k = args.ks[0]
     n = max(args.draft_beams or config["draft_beams"], k)
     gamma = args.gamma or config["gamma"]
     lines = bench.header(args, models, labels, config, "Where the time of one request goes")

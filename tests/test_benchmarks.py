@@ -61,6 +61,11 @@ def test_the_breakdown_splits_each_search_into_its_labelled_stages(synth_root, i
         assert 1 <= rows[mode, "speculative"][4] <= 4  # a round advances at least one level
 
 
+def test_the_breakdown_refuses_more_than_one_k(capsys):
+    with pytest.raises(SystemExit, match="one K"):
+        breakdown.parse_args(["--ks=3,10"])
+
+
 def test_a_cuda_device_on_a_machine_without_one_is_refused(capsys):
     if speculative.torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
