@@ -61,7 +61,7 @@ def test_the_breakdown_splits_each_search_into_its_labelled_stages(synth_root, i
         assert 1 <= rows[mode, "speculative"][4] <= 4  # a round advances at least one level
 
 
-def test_the_breakdown_refuses_more_than_one_k(capsys):
+def test_the_breakdown_refuses_more_than_one_k():
     with pytest.raises(SystemExit, match="one K"):
         breakdown.parse_args(["--ks=3,10"])
 
