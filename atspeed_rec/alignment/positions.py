@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from atspeed_rec.decoding.tree import DraftTree, tree_inputs
+from atspeed_rec.models.fast_forward import hidden_code_logits, lm_dtype
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -35,13 +36,13 @@ def beam_code_logits(model, vocab: CodeVocab, input_ids: torch.Tensor, mask: tor
     G, K, L = codes.shape
     empty = codes.new_zeros(G, 1, 0)  # no current beam: the tree grows from the prompt
     tokens, positions, attn, keep = tree_inputs(vocab, mask, empty, beam_tree(codes), prompt_ids=input_ids,
-                                                dtype=next(model.parameters()).dtype)
-    logits = model(input_ids=tokens, attention_mask=attn, position_ids=positions, use_cache=False,
-                   logits_to_keep=keep).logits  # [G, 1 + (L-1)K, V]: after the prompt, then every node
-    root = logits[:, :1].expand(G, K, -1).unsqueeze(2)  # [G, K, 1, V]
-    nodes = logits[:, 1:].view(G, L - 1, K, -1).transpose(1, 2)  # [G, K, L-1, V]
-    per_level = torch.cat([root, nodes], dim=2)  # [G, K, L, V]
-    return torch.stack([vocab.code_logits(per_level[:, :, l], l) for l in range(L)], dim=2)  # [G, K, L, C]
+                                                dtype=lm_dtype(model))
+    logits = hidden_code_logits(model, vocab, keep, input_ids=tokens, attention_mask=attn,
+                                position_ids=positions)  # [G, 1 + (L-1)K, L*C]: after the prompt, then every node
+    root = logits[:, :1].expand(G, K, -1).unsqueeze(2)  # [G, K, 1, L*C]
+    nodes = logits[:, 1:].view(G, L - 1, K, -1).transpose(1, 2)  # [G, K, L-1, L*C]
+    per_level = torch.cat([root, nodes], dim=2)  # [G, K, L, L*C]
+    return torch.stack([vocab.level_logits(per_level[:, :, l], l) for l in range(L)], dim=2)  # [G, K, L, C]
 
 
 def allowed_along(trie: CodeTrie, codes: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from atspeed_rec.models.fast_forward import KV, additive_mask, causal_prompt_mask, lm_forward
+from atspeed_rec.models.fast_forward import KV, additive_mask, causal_prompt_mask, lm_dtype, lm_forward
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -43,19 +43,19 @@ def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
-    """Encode the left-padded prompts `[B, P]`; log-probs `[B, V]` of the first code and their KV."""
-    mask = causal_prompt_mask(attention_mask, model.dtype)
-    logits, kv = lm_forward(model, input_ids, prompt_positions(attention_mask), mask, keep=1)
+def prefill(model, vocab: CodeVocab, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
+    """Encode the left-padded prompts `[B, P]`; code log-probs `[B, L * C]` of the next token and their KV."""
+    mask = causal_prompt_mask(attention_mask, lm_dtype(model))
+    logits, kv = lm_forward(model, vocab, input_ids, prompt_positions(attention_mask), mask, keep=1)
     return torch.log_softmax(logits[:, -1].float(), dim=-1), kv
 
 
-def decode_one_token(model, tokens: torch.Tensor, attention_mask: torch.Tensor, kv: KV):
+def decode_one_token(model, vocab: CodeVocab, tokens: torch.Tensor, attention_mask: torch.Tensor, kv: KV):
     """Feed one token per row `[N]` after its cache; `attention_mask [N, T]` already includes it.
-    Log-probs `[N, V]` and the grown KV."""
+    Code log-probs `[N, L * C]` and the grown KV."""
     positions = attention_mask.long().sum(-1, keepdim=True) - 1  # [N, 1]
-    mask = additive_mask(attention_mask.bool().unsqueeze(1), model.dtype)  # [N, 1, 1, T]
-    logits, kv = lm_forward(model, tokens.unsqueeze(-1), positions, mask, kv)
+    mask = additive_mask(attention_mask.bool().unsqueeze(1), lm_dtype(model))  # [N, 1, 1, T]
+    logits, kv = lm_forward(model, vocab, tokens.unsqueeze(-1), positions, mask, kv)
     return torch.log_softmax(logits[:, -1].float(), dim=-1), kv
 
 
@@ -75,7 +75,7 @@ def masked_code_logprobs(logprobs, vocab: CodeVocab, trie: CodeTrie, nodes, leve
     """`[..., C]` log-probs of the codes of `level` given the prefixes `nodes`, renormalised over the
     codes the trie allows (-inf elsewhere): the model's distribution over valid continuations, as
     it was trained (`GenRec.code_nll`). A beam's score is then log p(item | history)."""
-    return masked_log_softmax(vocab.code_logits(logprobs, level), trie.allowed(nodes, level))
+    return masked_log_softmax(vocab.level_logits(logprobs, level), trie.allowed(nodes, level))
 
 
 def select_top_k(beam_scores: torch.Tensor, code_lp: torch.Tensor, k: int):
@@ -102,22 +102,22 @@ def padded_topk(x: torch.Tensor, k: int):
 
 
 def paths_forward(model, vocab: CodeVocab, kv: KV, prompt_mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Log-probs `[B, K, V]` after each beam path `codes [B, K, t]`, in ONE pass over the K*t path
+    """Code log-probs `[B, K, L * C]` after each beam path `codes [B, K, t]`, in ONE pass over the K*t path
     tokens after each request's cached prompt (`kv`: one (keys, values) `[B, ...]` per layer).
 
     Token (k, j) sees the request's non-pad prompt and tokens (k, 0..j) of its own beam; its
     position is the prompt's last position + 1 + j, as in `generate`.
     """
     B, K, t = codes.shape
-    dev, dtype = codes.device, next(model.parameters()).dtype
+    dev, dtype = codes.device, lm_dtype(model)
     beam_of = torch.arange(K, device=dev).repeat_interleave(t)  # [K*t] beam of each path token
     t_of = torch.arange(t, device=dev).repeat(K)  # [K*t] depth of each path token
     own_path = (beam_of.unsqueeze(1) == beam_of) & (t_of <= t_of.unsqueeze(1))  # [K*t, K*t]
     vis = torch.cat([prompt_mask.bool().unsqueeze(1).expand(B, K * t, -1), own_path.expand(B, -1, -1)], -1)
     positions = prompt_mask.long().sum(-1, keepdim=True) + t_of  # [B, K*t]
     last = torch.arange(K, device=dev) * t + t - 1  # [K] each beam's last token
-    logits, _ = lm_forward(model, vocab.tokens(codes).flatten(1), positions, additive_mask(vis, dtype), kv, last)
-    return torch.log_softmax(logits.float(), dim=-1)  # [B, K, V]; the grown cache is dropped
+    logits, _ = lm_forward(model, vocab, vocab.tokens(codes).flatten(1), positions, additive_mask(vis, dtype), kv, last)
+    return torch.log_softmax(logits.float(), dim=-1)  # [B, K, L * C]; the grown cache is dropped
 
 
 @torch.no_grad()
@@ -130,7 +130,7 @@ def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor
     """
     B, K, L = input_ids.shape[0], num_beams, vocab.levels
     with record_function(STAGES["target"]):
-        logprobs, kv = prefill(model, input_ids, attention_mask)  # [B, V]; the prompts' KV, shared by their beams
+        logprobs, kv = prefill(model, vocab, input_ids, attention_mask)  # [B, L * C]; the prompts' KV, shared by their beams
     with record_function(STAGES["verify"]):
         nodes = trie.root_nodes(B, 1)  # [B, 1]
         code_lp = masked_code_logprobs(logprobs.unsqueeze(1), vocab, trie, nodes, 0)  # [B, 1, C]
@@ -140,7 +140,7 @@ def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor
         nodes = torch.where(alive, trie.step(nodes.expand(B, K), code, 0), 0)  # [B, K]
     for level in range(1, L):
         with record_function(STAGES["target"]):
-            logprobs = paths_forward(model, vocab, kv, attention_mask, codes)  # [B, K, V]
+            logprobs = paths_forward(model, vocab, kv, attention_mask, codes)  # [B, K, L * C]
         with record_function(STAGES["verify"]):
             code_lp = masked_code_logprobs(logprobs, vocab, trie, nodes, level)
             parent, code, scores = select(scores, code_lp, K)

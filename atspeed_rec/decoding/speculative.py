@@ -28,7 +28,7 @@ from atspeed_rec.decoding.beam_search import (NEG_INF, STAGES, BeamResult, decod
                                               masked_code_logprobs, prefill, select_top_k)
 from atspeed_rec.decoding.sampling import gumbel, gumbel_top_k, sample_top_k, sort_beams
 from atspeed_rec.decoding.tree import DraftTree, cache_rows, tree_forward
-from atspeed_rec.models.fast_forward import additive_mask, lm_forward
+from atspeed_rec.models.fast_forward import additive_mask, lm_dtype, lm_forward
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -64,7 +64,7 @@ def draft_paths(draft, kv, rows, prompt_mask, beams: Beams, vocab: CodeVocab):
     causal = torch.ones(cur, cur, dtype=torch.bool, device=mask.device).tril()  # the path, causally
     visible = torch.cat([mask.bool().unsqueeze(1).expand(-1, cur, -1), causal.expand(G * H, -1, -1)], -1)
     tokens = vocab.tokens(beams.codes).flatten(0, 1)  # [G*H, cur]
-    logits, kv = lm_forward(draft, tokens, positions, additive_mask(visible, draft.dtype), kv, keep=1)
+    logits, kv = lm_forward(draft, vocab, tokens, positions, additive_mask(visible, lm_dtype(draft)), kv, keep=1)
     return torch.log_softmax(logits[:, -1].float(), dim=-1).view(G, H, -1), kv
 
 
@@ -95,7 +95,7 @@ def draft_tree(draft, cache, logprobs, beams: Beams, trie: CodeTrie, vocab: Code
             cache = cache_rows(cache, rows)  # each node continues its parent's row
             mask = prompt_mask.repeat_interleave(N, dim=0)
             mask = torch.cat([mask, mask.new_ones(G * N, cur + j + 1)], dim=1)  # prompt + path + tree levels
-            logprobs, cache = decode_one_token(draft, vocab.tokens(code, cur + j).flatten(), mask, cache)
+            logprobs, cache = decode_one_token(draft, vocab, vocab.tokens(code, cur + j).flatten(), mask, cache)
             logprobs = logprobs.view(G, N, -1)
     tree = DraftTree(torch.stack(parents, 1), torch.stack(codes, 1), torch.stack(alive, 1), logq)
     return tree, max(depth - 1, 0)
@@ -297,7 +297,7 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
         else:
             with record_function(STAGES["draft"]):
                 if cur == 0:
-                    logprobs, draft_kv = prefill(draft, input_ids[rows], mask)
+                    logprobs, draft_kv = prefill(draft, vocab, input_ids[rows], mask)
                     cache = draft_kv
                     logprobs = logprobs.unsqueeze(1)  # [G, 1, V]
                 else:

