@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from atspeed_rec.atomic import atomic_write
+
 _APPLIED = False
 
 # numpy 2 removed these aliases; RecBole's Config (`compatibility_settings`), dataset and metric
@@ -34,11 +36,8 @@ def _numpy_aliases() -> None:
 
 
 def atomic_torch_save(obj, path, **kwargs) -> None:
-    """torch.save through a temporary file and os.replace: a crash never leaves half a file."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp, **kwargs)
-    os.replace(tmp, path)
+    """torch.save through `atomic_write`: a crash never leaves half a file."""
+    atomic_write(os.fspath(path), lambda tmp: torch.save(obj, tmp, **kwargs))
 
 
 def _recbole_torch() -> types.ModuleType:

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speculative as sb  # noqa: E402  (the speculative benchmark's measuring and reporting helpers)
 
 from atspeed_rec.alignment.losses import ALIGN_LOSSES  # noqa: E402
-from atspeed_rec.models.atspeed import AtSpeedS, AtSpeedTrainer  # noqa: E402
+from atspeed_rec.recbole_glue.atspeed import AtSpeedS  # noqa: E402
+from atspeed_rec.recbole_glue.pipeline import AtSpeedTrainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

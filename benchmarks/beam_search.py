@@ -25,7 +25,7 @@ from recbole.data import create_dataset, data_preparation
 import atspeed_rec  # noqa: F401  (RecBole compatibility patches)
 from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.decoding.hf_generate import hf_beam_search
-from atspeed_rec.models.genrec import GenRec
+from atspeed_rec.recbole_glue.genrec import GenRec
 from atspeed_rec.recbole_glue.checkpoint import checkpoint_path, load_checkpoint
 from atspeed_rec.recbole_glue.runner import build_config
 

@@ -47,7 +47,8 @@ from atspeed_rec.decoding.hf_generate import hf_beam_search
 from atspeed_rec.decoding.sampling import beam_sample
 from atspeed_rec.decoding.speculative import MODES, speculative_beam_search
 from atspeed_rec.errors import AtSpeedError
-from atspeed_rec.models.atspeed import AtSpeedR, AtSpeedS, timed
+from atspeed_rec.recbole_glue.atspeed import AtSpeedR, AtSpeedS
+from atspeed_rec.recbole_glue.metrics import timed
 from atspeed_rec.recbole_glue.checkpoint import checkpoint_path, load_checkpoint
 from atspeed_rec.recbole_glue.cli import parse_value
 from atspeed_rec.recbole_glue.runner import build_config, check_dataset

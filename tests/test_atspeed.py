@@ -6,7 +6,7 @@ import torch
 from recbole.data import create_dataset, data_preparation
 
 from atspeed_rec.decoding.beam_search import beam_search
-from atspeed_rec.models.atspeed import AtSpeedS
+from atspeed_rec.recbole_glue.atspeed import AtSpeedS
 from atspeed_rec.recbole_glue.checkpoint import load_checkpoint
 from atspeed_rec.recbole_glue.cli import main
 from atspeed_rec.recbole_glue.runner import build_config

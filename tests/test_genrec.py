@@ -5,7 +5,7 @@ import json
 import torch
 from recbole.data import create_dataset, data_preparation
 
-from atspeed_rec.models.genrec import GenRec
+from atspeed_rec.recbole_glue.genrec import GenRec
 from atspeed_rec.recbole_glue.checkpoint import load_checkpoint, save_checkpoint
 from atspeed_rec.recbole_glue.cli import main
 from atspeed_rec.recbole_glue.runner import build_config

@@ -20,7 +20,7 @@ from atspeed_rec.decoding.beam_search import prompt_positions
 from atspeed_rec.decoding.hf_generate import hf_beam_search
 from atspeed_rec.errors import ConfigError
 from atspeed_rec.models import pretrained
-from atspeed_rec.models.genrec import GenRec
+from atspeed_rec.recbole_glue.genrec import GenRec
 from atspeed_rec.recbole_glue.checkpoint import load_checkpoint, save_checkpoint
 from atspeed_rec.recbole_glue.cli import main
 from atspeed_rec.recbole_glue.runner import build_config

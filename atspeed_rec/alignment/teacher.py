@@ -14,9 +14,7 @@ for all K beams of a sample and is stored once. The mask is rebuilt from the tri
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from atspeed_rec.alignment.losses import masked_log_softmax
+from atspeed_rec.atomic import atomic_write, atomic_write_json
 from atspeed_rec.alignment.positions import allowed_along, beam_code_logits
 from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.semantic_ids.trie import CodeTrie
@@ -167,14 +166,8 @@ def gather_teacher(parts: dict[str, torch.Tensor], world_size: int) -> dict[str,
 
 def save_teacher(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Atomically: the tensors (safetensors) and `meta` (JSON sidecar)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-    side = Path(f"{path}.json")
-    tmp = side.with_name(f"{side.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"format": FORMAT, **meta}, indent=1, default=str))
-    os.replace(tmp, side)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
+    atomic_write_json(f"{path}.json", {"format": FORMAT, **meta})
 
 
 def load_or_generate(path: Path, target, train_dataset, k_train: int, per_user: int, batch_size: int,

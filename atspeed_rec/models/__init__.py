@@ -1,4 +1,6 @@
-"""The models: token layout (`vocab`), LMs (`lm`), and the RecBole models (`genrec`, ...).
+"""The language models, in plain torch: token layout (`vocab`), from-scratch Llamas (`lm`), the
+pretrained LLM with LoRA (`pretrained`), the draft (`draft`), the lean decoding forward
+(`fast_forward`), dtypes (`precision`) and training windows (`sequences`).
 
-The registry of names `--model=` takes is `atspeed_rec.recbole_glue.registry.project_models`.
+The RecBole model classes built on them live in `atspeed_rec.recbole_glue`.
 """

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from atspeed_rec.atomic import atomic_write, atomic_write_json
 from atspeed_rec.errors import ConfigError
 
 # Properties every trained model depends on: the data, its split and the training recipe.
@@ -34,24 +34,17 @@ def checkpoint_path(config, name: str, keys) -> Path:
     return Path(config["checkpoint_dir"]) / f"{name}-{config['dataset']}-{config_key(config, keys)}.safetensors"
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(module: torch.nn.Module, path, meta: dict) -> None:
     """Weights (safetensors) and `meta` (JSON sidecar `<path>.json`), each replaced atomically."""
     path = Path(path)
     # safetensors' save_model stores tied weights (a draft's shared embeddings) once
-    _atomic(path, lambda tmp: save_model(module, str(tmp)))
+    atomic_write(path, lambda tmp: save_model(module, tmp))
     write_sidecar(path, meta)
 
 
 def write_sidecar(path, meta: dict) -> None:
     """The JSON sidecar `<path>.json` of a checkpoint, replaced atomically."""
-    _atomic(Path(f"{path}.json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1, default=str)))
+    atomic_write_json(f"{path}.json", meta)
 
 
 def load_checkpoint(module: torch.nn.Module, path) -> dict:
@@ -76,7 +69,7 @@ def save_training_state(module: torch.nn.Module, optimizer: torch.optim.Optimize
     for index, state in opt["state"].items():
         for name, value in state.items():
             tensors[f"optim.{index}.{name}"] = torch.as_tensor(value).detach().clone().contiguous()
-    _atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
     write_sidecar(path, {**meta, "param_groups": opt["param_groups"]})
 
 

@@ -8,6 +8,8 @@ ranks like any other metric. Models that list none of these metrics (the baselin
 
 from __future__ import annotations
 
+import time
+
 import torch
 from recbole.evaluator import register
 from recbole.evaluator.base_metric import AbstractMetric
@@ -96,3 +98,13 @@ def register_spec_metrics() -> None:
         register.metric_types[name] = cls.metric_type
         if cls.smaller and name not in register.smaller_metrics:
             register.smaller_metrics.append(name)
+
+
+def timed(fn, device: torch.device):
+    """(fn(), seconds), waiting for the device's queued kernels before and after (GPU timing)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - start

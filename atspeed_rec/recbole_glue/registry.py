@@ -26,12 +26,16 @@ _RECBOLE_PACKAGES = (
 _RECBOLE_MODEL_YAMLS = Path(recbole.__file__).parent / "properties" / "model"
 
 
-def project_models() -> dict[str, type]:
-    """Name -> class of the models this project defines (imported here: they import decoding too)."""
-    from atspeed_rec.models.atspeed import AtSpeedR, AtSpeedS
-    from atspeed_rec.models.genrec import GenRec
+def project_models() -> dict[str, tuple[type, type]]:
+    """Name -> (model class, trainer class) of the models this project defines (imported on first
+    use: they import torch, transformers and the decoders)."""
+    from atspeed_rec.recbole_glue.atspeed import AtSpeedR, AtSpeedS
+    from atspeed_rec.recbole_glue.genrec import GenRec
+    from atspeed_rec.recbole_glue.pipeline import AtSpeedTrainer
+    from atspeed_rec.recbole_glue.trainer import SafeCheckpointTrainer
 
-    return {"GenRec": GenRec, "AtSpeedS": AtSpeedS, "AtSpeedR": AtSpeedR}
+    return {"GenRec": (GenRec, SafeCheckpointTrainer), "AtSpeedS": (AtSpeedS, AtSpeedTrainer),
+            "AtSpeedR": (AtSpeedR, AtSpeedTrainer)}
 
 
 def recbole_models() -> dict[str, str]:
@@ -57,7 +61,7 @@ def get_model_class(name: str) -> type:
     by_lower = {n.lower(): n for n in list(theirs) + list(ours)}  # ours win on a clash
     proper = by_lower.get(str(name).lower())
     if proper in ours:
-        return ours[proper]
+        return ours[proper][0]
     if proper in theirs:
         module = importlib.import_module(f"recbole.model.{theirs[proper]}.{proper.lower()}")
         return getattr(module, proper)
@@ -72,7 +76,6 @@ def get_model_class(name: str) -> type:
 
 
 def get_trainer_class(model_class: type, config) -> type:
-    """A model may name its own trainer (`trainer_class`); otherwise RecBole's choice."""
-    return getattr(model_class, "trainer_class", None) or get_trainer(
-        config["MODEL_TYPE"], config["model"]
-    )
+    """This project's trainer for its models; RecBole's choice for RecBole's."""
+    trainers = {model: trainer for model, trainer in project_models().values()}
+    return trainers.get(model_class) or get_trainer(config["MODEL_TYPE"], config["model"])

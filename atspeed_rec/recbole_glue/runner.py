@@ -25,6 +25,7 @@ from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_logger, init_seed, set_color
 
+from atspeed_rec.atomic import atomic_write
 from atspeed_rec.errors import ConfigError, DatasetNotFoundError
 from atspeed_rec.recbole_glue.registry import get_model_class, get_trainer_class
 
@@ -221,9 +222,5 @@ def run(model: str, dataset: str, config_files=None, overrides=None, nproc: int 
         result["nproc"] = nproc
         result["wall_time_s"] = round(time.time() - start, 2)
     if result_file:
-        path = Path(result_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, path)
+        atomic_write(result_file, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     return result

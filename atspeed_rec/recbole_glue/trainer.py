@@ -10,6 +10,7 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 
 from atspeed_rec.errors import ConfigError
+from atspeed_rec.recbole_glue.base import ProjectModel
 from atspeed_rec.recbole_glue.checkpoint import (checkpoint_path, config_key, load_checkpoint, load_training_state,
                                                  save_checkpoint, save_training_state, write_sidecar)
 from atspeed_rec.recbole_glue.metrics import SpecCollector
@@ -27,6 +28,7 @@ class SafeCheckpointTrainer(Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.eval_collector = SpecCollector(config)
+        self._phase = "test"  # what `evaluate` is called for: "valid" inside `_valid_epoch`, "test" otherwise
         self.checkpoint_keys = type(model).checkpoint_keys
         self.saved_model_file = str(checkpoint_path(config, config["model"], self.checkpoint_keys))
         self.lr_schedule = config["lr_schedule"] or "constant"
@@ -127,9 +129,16 @@ class SafeCheckpointTrainer(Trainer):
             path = model_file or self.saved_model_file
             load_checkpoint(self.model, path)
             self.logger.info(f"Loading model parameters from {path}")
-        if hasattr(self.model, "start_evaluation"):
-            self.model.start_evaluation()
+        if isinstance(self.model, ProjectModel):
+            self.model.start_evaluation(self._phase)
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        self._phase = "valid"
+        try:
+            return super()._valid_epoch(valid_data, show_progress)
+        finally:
+            self._phase = "test"
 
 
 def cosine_schedule(optimizer, total_steps: int, steps_done: int = 0) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
+from atspeed_rec.atomic import atomic_write, atomic_write_json
 from atspeed_rec.semantic_ids import embeddings as emb
 from atspeed_rec.semantic_ids.quantize import residual_kmeans
 
@@ -72,8 +72,8 @@ class SemanticIDs:
             "codebook_size": self.codebook_size, "levels": self.levels,
             "source": self.source, "stats": self.stats, "version": CACHE_VERSION,
         }
-        _atomic_write(path, lambda tmp: save_file({"codes": self.codes.contiguous()}, tmp))
-        _atomic_write(_sidecar(path), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+        atomic_write(path, lambda tmp: save_file({"codes": self.codes.contiguous()}, tmp))
+        atomic_write_json(_sidecar(path), meta)
 
     @classmethod
     def load(cls, path) -> "SemanticIDs":
@@ -96,18 +96,7 @@ class SemanticIDs:
 
 
 def _sidecar(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, then move the finished file over `path`."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return Path(f"{path}.json")
 
 
 def _sha256(*parts) -> str:
@@ -172,7 +161,7 @@ def _cached_text_embeddings(texts: list[str], cache_dir: Path, logger) -> np.nda
     vectors = emb.text_embeddings(texts)
     logger.info(f"encoded {len(texts)} item texts in {time.perf_counter() - start:.1f} s")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: save_numpy({"embeddings": vectors}, tmp))
+    atomic_write(path, lambda tmp: save_numpy({"embeddings": vectors}, tmp))
     return vectors
 
 

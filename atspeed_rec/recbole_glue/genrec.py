@@ -14,7 +14,6 @@ fine-tuned with LoRA and given the history inside a text prompt (LC-Rec style; s
 from __future__ import annotations
 
 import torch
-from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from atspeed_rec.decoding.beam_search import BeamResult, beam_search, masked_log_softmax, prompt_positions
@@ -26,8 +25,8 @@ from atspeed_rec.models.precision import resolve_dtype
 from atspeed_rec.models.pretrained import build_pretrained, save_trained_part_only
 from atspeed_rec.models.sequences import TrainingWindows
 from atspeed_rec.models.vocab import CodeVocab
+from atspeed_rec.recbole_glue.base import ProjectModel
 from atspeed_rec.recbole_glue.checkpoint import DATA_KEYS, TRAIN_KEYS
-from atspeed_rec.recbole_glue.trainer import SafeCheckpointTrainer
 from atspeed_rec.semantic_ids.builder import build_semantic_ids
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -51,9 +50,8 @@ PRETRAINED_KEYS = ("pretrained_path", "lora_r", "lora_alpha", "lora_dropout", "l
                    "dtype")
 
 
-class GenRec(SequentialRecommender):
+class GenRec(ProjectModel):
     input_type = InputType.POINTWISE
-    trainer_class = SafeCheckpointTrainer
     checkpoint_keys = (*DATA_KEYS, *TRAIN_KEYS, *SID_KEYS, *LM_KEYS, *PRETRAINED_KEYS)
 
     def __init__(self, config, dataset):

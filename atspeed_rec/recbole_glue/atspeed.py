@@ -1,0 +1,113 @@
+"""AtSpeedS / AtSpeedR: a GenRec target served by speculative beam search with a small draft.
+
+The models hold the target (frozen), the draft and the decoding settings; how they are trained
+(target, teacher data, draft) is the pipeline's job (`pipeline.py`). Evaluation decodes with
+speculative beam search (strict top-K verification for AtSpeedS, relaxed sampling verification
+for AtSpeedR) and reports beside Recall and NDCG the speedup over the target's own beam search
+and the acceptance statistics (`SpecMeter`).
+"""
+
+from __future__ import annotations
+
+import torch
+from recbole.utils import InputType
+
+from atspeed_rec.alignment.objective import AlignConfig, draft_loss
+from atspeed_rec.alignment.teacher import SampleIndex
+from atspeed_rec.decoding.beam_search import beam_search
+from atspeed_rec.decoding.speculative import speculative_beam_search
+from atspeed_rec.errors import ConfigError
+from atspeed_rec.models.draft import build_draft
+from atspeed_rec.recbole_glue.base import ProjectModel
+from atspeed_rec.recbole_glue.genrec import GenRec, beams_to_scores
+from atspeed_rec.recbole_glue.metrics import SpecMeter, timed
+
+DRAFT_KEYS = ("draft_n_layers", "draft_hidden_size", "draft_n_heads", "draft_inner_size",
+              "draft_dropout_prob", "draft_tie_embeddings", "draft_learning_rate", "draft_weight_decay",
+              "draft_epochs", "draft_eval_step", "draft_checkpoint",
+              "draft_valid_beams", "draft_valid_requests", "draft_beams", "gamma",
+              "sample_temperature")  # the last five decide the validation that picks the best epoch
+TEACHER_KEYS = ("K_train", "teacher_per_user")  # which samples, how many beams
+ALIGN_KEYS = ("align_loss", "alpha", "tau", "beta", "distillspec_divergence", *TEACHER_KEYS)
+
+
+class AtSpeedS(ProjectModel):
+    """Strict top-K verification: exactly the target's beam search output, faster."""
+
+    input_type = InputType.POINTWISE
+    property_parents = ("GenRec",)  # the target's properties, then this model's
+    verification = "strict"
+    checkpoint_keys = (*GenRec.checkpoint_keys, *DRAFT_KEYS, *ALIGN_KEYS, "num_beams")
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.target = GenRec(config, dataset)
+        for p in self.target.parameters():
+            p.requires_grad_(False)  # the target is trained by GenRec's recipe, never here
+        self.draft = build_draft(config, self.target.vocab, self.target.lm)
+        self.num_beams = self.target.num_beams  # K of the test split
+        # K of the draft's validation: at K = N nothing is accepted whatever the draft, at K = 10 drafts separate
+        self.valid_beams = min(int(config["draft_valid_beams"]), self.num_beams)
+        self.eval_beams = self.num_beams  # K of the evaluation running now (`start_evaluation`)
+        self.draft_beams, self.gamma = int(config["draft_beams"]), int(config["gamma"])
+        if self.draft_beams < self.num_beams:
+            raise ConfigError(f"draft_beams={self.draft_beams} < num_beams={self.num_beams}: the draft "
+                              f"must propose at least the K target beams; fix: --draft_beams={self.num_beams}")
+        if self.gamma < 1:
+            raise ConfigError(f"gamma={self.gamma}: the draft must propose at least one level; fix: --gamma=1")
+        self.temperature = float(config["sample_temperature"])
+        if not self.temperature > 0:
+            raise ConfigError(f"sample_temperature={self.temperature}: relaxed sampling divides scores by it; "
+                              "fix: a value > 0 (1 = plain beam sampling, smaller = closer to beam search)")
+        self.timed_batches = int(config["speedup_batches"])  # batches also decoded target-only
+        self.seed = int(config["seed"])
+        self.generator: torch.Generator | None = None  # relaxed sampling; made on the requests' device
+        self.spec_meter = SpecMeter()
+        self.align = AlignConfig.from_config(config, self.num_beams)
+        self.samples: SampleIndex | None = None  # alignment samples, set by the trainer's teacher stage
+
+    def calculate_loss(self, interaction):
+        """(1 - alpha) * the draft's next-code CE on the training windows + alpha * L_align."""
+        return draft_loss(self.align, self.target, self.draft, interaction, self.samples)
+
+    def start_evaluation(self, phase: str) -> None:
+        """Validation decodes at `valid_beams`, the test at `num_beams`; the sampling generator is
+        reseeded, so each evaluation draws the same samples whatever ran before."""
+        self.eval_beams = self.valid_beams if phase == "valid" else self.num_beams
+        self.generator = None  # reseeded at the next batch
+
+    def decoding(self) -> str:
+        temperature = f", temperature={self.temperature:g}" if self.verification == "relaxed" else ""
+        return (f"{self.verification} speculative beam search: K={self.num_beams}, N={self.draft_beams}, "
+                f"gamma={self.gamma}{temperature}")
+
+    def speculative(self, input_ids, mask):
+        if self.generator is None or self.generator.device != input_ids.device:
+            self.generator = torch.Generator(input_ids.device).manual_seed(self.seed)
+        return speculative_beam_search(
+            self.target.lm, self.draft, self.target.trie, self.target.vocab, input_ids, mask,
+            self.eval_beams, self.draft_beams, self.gamma, mode=self.verification, generator=self.generator,
+            temperature=self.temperature)
+
+    def full_sort_predict(self, interaction):
+        input_ids, mask = self.target.prompt(interaction)
+        (beams, stats), spec_seconds = timed(lambda: self.speculative(input_ids, mask), input_ids.device)
+        target_seconds = None
+        if self.spec_meter.timed_batches < self.timed_batches:  # the same batch, target only
+            _, target_seconds = timed(lambda: beam_search(self.target.lm, self.target.trie, self.target.vocab,
+                                                          input_ids, mask, self.eval_beams), input_ids.device)
+        self.spec_meter.add(len(input_ids), float(stats.accepted_steps.sum()), float(stats.drafted_levels.sum()),
+                            float(stats.target_calls.sum()), spec_seconds, target_seconds)
+        return beams_to_scores(beams, self.n_items)  # [B, n_items]
+
+    def predict(self, interaction):
+        return self.target.predict(interaction)
+
+
+class AtSpeedR(AtSpeedS):
+    """Relaxed sampling verification: high-probability drafts accepted, fewer target calls."""
+
+    property_parents = ("GenRec", "AtSpeedS")
+    verification = "relaxed"
+
+
