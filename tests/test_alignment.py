@@ -93,7 +93,7 @@ def test_every_align_loss_is_finite_and_trains_the_draft_only(name):
     teacher = TeacherData(finish({"users": torch.arange(3), "items": torch.arange(3), "lengths": torch.full((3,), 5),
                                   "codes": beams.codes, "valid": torch.ones(3, 4), "counts": stored.flatten(1).sum(1),
                                   "values": logp[stored].half()}))
-    cfg = AlignConfig(name=name, k=4, k_train=4)
+    cfg = AlignConfig(name=name, alpha=0.7, tau=1.0, beta=1.0, k=4, k_train=4, divergence="tvd")
     inter = {"item_id": torch.tensor([1, 7, 30])}
     loss = align_loss(cfg, fake, draft, inter, teacher, torch.arange(3))
     assert torch.isfinite(loss) and loss > 0
@@ -108,7 +108,7 @@ def test_the_draft_that_equals_the_target_has_zero_atspeed_losses():
     fake = FakeTarget(trie, target, ids, mask)
     index = SampleIndex(torch.arange(3), torch.arange(3), torch.full((3,), 5))
     for name in ("tvd", "wordkd", "distillspec"):  # computed online from the same model: exactly 0
-        loss = align_loss(AlignConfig(name=name, k=4, k_train=4), fake, target, {"item_id": torch.tensor([1, 2, 3])},
+        loss = align_loss(AlignConfig(name=name, alpha=0.7, tau=1.0, beta=1.0, k=4, k_train=4, divergence="tvd"), fake, target, {"item_id": torch.tensor([1, 2, 3])},
                           index, torch.arange(3))
         assert loss.item() == pytest.approx(0.0, abs=1e-6), name
 

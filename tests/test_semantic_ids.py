@@ -82,7 +82,8 @@ def toy(tmp_path_factory):
 
 def _options(tmp_path, **overrides) -> dict:
     return {"sid_source": "collaborative", "sid_levels": 3, "sid_codebook_size": 8,
-            "sid_collab_dim": 8, "seed": 7, "sid_cache_dir": str(tmp_path / "cache"), **overrides}
+            "sid_collab_dim": 8, "sid_text_fields": None, "seed": 7, "sid_cache_dir": str(tmp_path / "cache"),
+            **overrides}
 
 
 def _assert_unique(codes: np.ndarray) -> None:

@@ -23,13 +23,15 @@ from atspeed_rec.errors import ConfigError
 
 @dataclass(frozen=True)
 class AlignConfig:
-    name: str = "atspeed_r"  # the `align_loss` property
-    alpha: float = 0.7  # weight of L_align against the ground-truth CE (the paper's default)
-    tau: float = 1.0  # temperature of both distributions
-    beta: float = 1.0  # AtSpeed-S: weight of the density term
-    k: int = 20  # AtSpeed-S: the draft's top-k set S = the target's beam width K
-    k_train: int = 20  # beams per sample (teacher data, on-policy drafts)
-    divergence: str = "tvd"  # DistillSpec's divergence
+    """The draft's objective, from the properties (defaults: properties/model/AtSpeedS.yaml)."""
+
+    name: str  # the `align_loss` property
+    alpha: float  # weight of L_align against the ground-truth CE
+    tau: float  # temperature of both distributions
+    beta: float  # AtSpeed-S: weight of the density term
+    k: int  # AtSpeed-S: the draft's top-k set S = the target's beam width K
+    k_train: int  # beams per sample (teacher data, on-policy drafts)
+    divergence: str  # DistillSpec's divergence
 
     @staticmethod
     def from_config(config, num_beams: int) -> "AlignConfig":

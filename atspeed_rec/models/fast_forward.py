@@ -38,7 +38,7 @@ def code_logits(model, vocab: CodeVocab, hidden: torch.Tensor) -> torch.Tensor:
     weight = getattr(head, "code_weight", None)  # a pretrained LM's own code rows (`pretrained.py`)
     if weight is None:
         weight = head.weight[vocab.offset:vocab.size]
-    return F.linear(hidden, weight.to(hidden.dtype))
+    return F.linear(hidden.float(), weight.float())  # [..., L*C] in float32: bf16 rounding would blur close codes
 
 
 def hidden_code_logits(model, vocab: CodeVocab, keep=None, **inputs) -> torch.Tensor:

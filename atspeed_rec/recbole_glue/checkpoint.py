@@ -18,7 +18,8 @@ from atspeed_rec.atomic import atomic_write, atomic_write_json
 from atspeed_rec.errors import ConfigError
 
 # Properties every trained model depends on: the data, its split and the training recipe.
-DATA_KEYS = ("dataset", "load_col", "user_inter_num_interval", "item_inter_num_interval",
+DATA_KEYS = ("dataset", "load_col", "USER_ID_FIELD", "ITEM_ID_FIELD", "TIME_FIELD", "RATING_FIELD",
+             "train_neg_sample_args", "user_inter_num_interval", "item_inter_num_interval",
              "val_interval", "eval_args", "MAX_ITEM_LIST_LENGTH", "seed")
 TRAIN_KEYS = ("epochs", "learning_rate", "weight_decay", "train_batch_size", "stopping_step",
               "valid_metric", "eval_step", "clip_grad_norm", "lr_schedule", "learner")

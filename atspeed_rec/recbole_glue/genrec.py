@@ -45,7 +45,8 @@ def check_beam_width(config) -> int:
 
 
 SID_KEYS = ("sid_source", "sid_levels", "sid_codebook_size", "sid_collab_dim", "sid_text_fields")
-LM_KEYS = ("n_layers", "hidden_size", "n_heads", "inner_size", "dropout_prob", "window_stride", "item_embedding")
+LM_KEYS = ("n_layers", "hidden_size", "n_heads", "inner_size", "dropout_prob", "window_stride", "item_embedding",
+           "num_beams")  # num_beams: the validation's beam width, which picks the kept epoch
 PRETRAINED_KEYS = ("pretrained_path", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "prompt_prefix",
                    "dtype")
 

@@ -152,9 +152,9 @@ def run_single(model: str, dataset: str, config_files=None, overrides=None, save
         trainer.saved_model_file = name[0]
 
     logger.info(set_color("stage", "green") + ": training")
-    best_valid_score, best_valid = trainer.fit(
-        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
-    )
+    # this project's trainers reuse a finished checkpoint of the same properties, or resume a killed run
+    fit = getattr(trainer, "fit_or_resume", trainer.fit)
+    best_valid_score, best_valid = fit(train_data, valid_data, saved=saved, show_progress=config["show_progress"])
     if distributed:
         torch.distributed.barrier()  # rank 0 has written the best checkpoint
     decoding = getattr(net, "decoding", None)  # e.g. AtSpeed models: how the test split is decoded

