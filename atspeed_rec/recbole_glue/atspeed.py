@@ -41,9 +41,7 @@ class AtSpeedS(ProjectModel):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.target = GenRec(config, dataset)
-        for p in self.target.parameters():
-            p.requires_grad_(False)  # the target is trained by GenRec's recipe, never here
+        self.target = GenRec(config, dataset)  # trained by its own recipe (pipeline.py), read-only here
         self.draft = build_draft(config, self.target.vocab, self.target.lm)
         self.num_beams = self.target.num_beams  # K of the test split
         # K of the draft's validation: at K = N nothing is accepted whatever the draft, at K = 10 drafts separate
@@ -65,6 +63,12 @@ class AtSpeedS(ProjectModel):
         self.spec_meter = SpecMeter()
         self.align = AlignConfig.from_config(config, self.num_beams)
         self.samples: SampleIndex | None = None  # alignment samples, set by the trainer's teacher stage
+
+    def train(self, mode: bool = True):
+        """Training mode is the draft's: the target keeps computing its teacher signal without dropout."""
+        super().train(mode)
+        self.target.eval()
+        return self
 
     def calculate_loss(self, interaction):
         """(1 - alpha) * the draft's next-code CE on the training windows + alpha * L_align."""

@@ -34,7 +34,9 @@ class AtSpeedTrainer(SafeCheckpointTrainer):
     """The stages of the module docstring. The draft has its own recipe (`draft_learning_rate`,
     `draft_weight_decay`, `draft_epochs`); every stage is reused when its cache is complete."""
 
-    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+    def fit_or_resume(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False,
+                      callback_fn=None):
+        """Target, teacher data, then the draft: each reused, resumed or made."""
         self.ensure_target(train_data, valid_data, show_progress)
         self.model.samples = self.alignment_samples(train_data._dataset, show_progress)
         self.logger.info(set_color("stage", "green") + f": training the draft (align_loss={self.model.align.name}, "
@@ -48,7 +50,9 @@ class AtSpeedTrainer(SafeCheckpointTrainer):
         if some is not None:
             self.logger.info(f"draft validation: accepted steps of {len(some._dataset)} of "
                              f"{len(valid_data._dataset)} requests at K={self.model.valid_beams}")
-        return self.fit_or_resume(train_data, some, verbose, saved, show_progress, callback_fn)
+        return super().fit_or_resume(train_data, some, verbose, saved, show_progress, callback_fn)
+
+    fit = fit_or_resume  # RecBole's entry point runs the same stages
 
     def target_config(self):
         config = copy.copy(self.config)
@@ -58,17 +62,12 @@ class AtSpeedTrainer(SafeCheckpointTrainer):
 
     def ensure_target(self, train_data, valid_data, show_progress) -> None:
         target = self.model.target
-        for p in target.parameters():
-            p.requires_grad_(True)
         trainer = SafeCheckpointTrainer(self.target_config(), target)
         self.logger.info(set_color("stage", "green") + f": the GenRec target ({trainer.saved_model_file})")
         trainer.fit_or_resume(train_data, valid_data, saved=True, show_progress=show_progress)
         if not self.config["single_spec"]:
             torch.distributed.barrier()  # only rank 0 writes the checkpoint: the others wait for it
         load_checkpoint(target, trainer.saved_model_file)  # the best epoch, not the last
-        for p in target.parameters():
-            p.requires_grad_(False)
-        target.eval()
 
     def alignment_samples(self, train_dataset, show_progress) -> SampleIndex | None:
         align, target = self.model.align, self.model.target
