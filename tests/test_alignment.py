@@ -10,7 +10,8 @@ from atspeed_rec.alignment.losses import ALIGN_LOSSES, masked_log_softmax
 from atspeed_rec.alignment.objective import AlignConfig, align_loss
 from atspeed_rec.alignment.positions import allowed_along, beam_code_logits
 from atspeed_rec.alignment.teacher import SampleIndex, TeacherData, finish, select_samples, stored_positions
-from atspeed_rec.decoding.beam_search import beam_search, prompt_positions
+from atspeed_rec.decoding.beam_search import beam_search
+from atspeed_rec.decoding.tree import prompt_positions
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 from random_models import random_ids, random_lm, random_prompts

@@ -20,6 +20,7 @@ NOT_WEIGHTS = {
     "eval_batch_size": "requests per evaluation batch: the same outputs",
     "teacher_batch_size": "requests per teacher beam-search batch: the same beams",
     "speedup_batches": "test batches also decoded target-only, for the speedup's timing",
+    "speedup_requests": "test requests also decoded alone both ways, for the batch-1 speedup",
     "sid_cache_dir": "where semantic IDs are cached, not what they are",
     "metrics": "what is reported; the stopping rule reads valid_metric, which is in the key",
     "topk": "report cut-offs; valid_metric names its own",

@@ -5,7 +5,15 @@ from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache
 
 from atspeed_rec.models.fast_forward import additive_mask, causal_prompt_mask, lm_forward
+from atspeed_rec.models.vocab import CodeVocab
 from random_models import random_lm
+
+VOCAB = CodeVocab(levels=3, codebook_size=13)  # 40 tokens: PAD + 39 codes
+
+
+def codes_only(logits):
+    """transformers' logits `[..., 40]` restricted to the code tokens, as `lm_forward` computes them."""
+    return logits[..., VOCAB.offset:VOCAB.size]
 
 
 def left_padded(batch=3, length=12, vocab=40, seed=0):
@@ -28,9 +36,9 @@ def test_prompt_logits_and_cache_equal_transformers_forward_on_left_padded_promp
     ids, mask = left_padded()
     ref = hf_prefill(model, ids, mask)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits, kv = lm_forward(model, ids, positions, causal_prompt_mask(mask, torch.float32))
+    logits, kv = lm_forward(model, VOCAB, ids, positions, causal_prompt_mask(mask, torch.float32))
     real = mask.bool()
-    torch.testing.assert_close(logits[real], ref.logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[real], codes_only(ref.logits)[real], atol=1e-5, rtol=1e-5)
     for (k, v), layer in zip(kv, ref.cache.layers):
         torch.testing.assert_close(k, layer.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(v, layer.values, atol=1e-5, rtol=1e-5)
@@ -51,8 +59,8 @@ def test_tokens_after_a_cache_with_a_custom_mask_equal_transformers_forward():
     with torch.no_grad():
         want = model(input_ids=new, attention_mask=attn, position_ids=positions,
                      cache=DynamicCache(ddp_cache_data=kv), use_cache=True, logits_to_keep=keep).logits
-    got, grown = lm_forward(model, new, positions, attn, kv, keep)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got, grown = lm_forward(model, VOCAB, new, positions, attn, kv, keep)
+    torch.testing.assert_close(got, codes_only(want), atol=1e-5, rtol=1e-5)
     assert grown[0][0].shape[2] == ids.shape[1] + 4  # the cache grew by the new tokens
 
 
@@ -66,5 +74,5 @@ def test_a_lora_wrapped_model_runs_through_its_adapters():
     ids, mask = left_padded(seed=6)
     ref = hf_prefill(lora, ids, mask)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits, _ = lm_forward(lora, ids, positions, causal_prompt_mask(mask, torch.float32))
-    torch.testing.assert_close(logits[mask.bool()], ref.logits[mask.bool()], atol=1e-4, rtol=1e-4)
+    logits, _ = lm_forward(lora, VOCAB, ids, positions, causal_prompt_mask(mask, torch.float32))
+    torch.testing.assert_close(logits[mask.bool()], codes_only(ref.logits)[mask.bool()], atol=1e-4, rtol=1e-4)

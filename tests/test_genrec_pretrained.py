@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from atspeed_rec.decoding.beam_search import prompt_positions
+from atspeed_rec.decoding.tree import prompt_positions
 from atspeed_rec.decoding.hf_generate import hf_beam_search
 from atspeed_rec.errors import ConfigError
 from atspeed_rec.models import pretrained

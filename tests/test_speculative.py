@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from atspeed_rec.alignment.positions import allowed_along
-from atspeed_rec.decoding.beam_search import beam_search, masked_log_softmax, prompt_positions
+from atspeed_rec.decoding.beam_search import beam_search, masked_log_softmax
 from atspeed_rec.decoding.sampling import beam_sample
 from atspeed_rec.decoding.speculative import accept_drafts, fill_beams, speculative_beam_search
-from atspeed_rec.decoding.tree import DraftTree, cache_rows, tree_forward
+from atspeed_rec.decoding.tree import DraftTree, cache_rows, prompt_positions, tree_forward
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 from random_models import random_ids, random_lm, random_prompts
@@ -38,6 +38,11 @@ def world(seed):
     return codes, CodeTrie(codes, 8, item_offset=1), target, draft
 
 
+def level_logits(logits, level):
+    """`[..., C]` logits of `level`'s codes from transformers' logits over the whole vocabulary."""
+    return VOCAB.level_logits(logits[..., VOCAB.offset:], level)
+
+
 def prompts(codes, batch, seed):
     item_codes = torch.cat([torch.full((1, 4), -1), codes])  # row 0 = PAD
     return random_prompts(item_codes, VOCAB, batch=batch, max_hist=5, seed=seed)
@@ -59,7 +64,7 @@ def target_scores(model, ids, mask, codes, trie):
     full = torch.cat([mask, mask.new_ones(B * K, L)], 1)
     with torch.no_grad():
         logits = model(input_ids=tokens, attention_mask=full, position_ids=prompt_positions(full)).logits
-    per_level = torch.stack([VOCAB.code_logits(logits[:, -L - 1 + l], l) for l in range(L)], 1)  # [B*K, L, C]
+    per_level = torch.stack([level_logits(logits[:, -L - 1 + l], l) for l in range(L)], 1)  # [B*K, L, C]
     lp = masked_log_softmax(per_level, allowed_along(trie, codes).flatten(0, 1))
     return lp.gather(-1, codes.flatten(0, 1).unsqueeze(-1)).sum((1, 2)).view(B, K)
 
@@ -92,7 +97,7 @@ def test_a_draft_equal_to_the_target_is_accepted_at_every_level():
     for k, n in [(1, 1), (3, 3), (10, 10), (3, 8)]:
         _, stats = speculative_beam_search(target, target, trie, VOCAB, ids, mask, k, n, gamma=3)
         assert stats.target_calls.tolist() == [1, 1, 1] and stats.accepted_steps.tolist() == [3, 3, 3]
-        assert stats.draft_calls == 3  # prefill + 2 tree levels, the whole batch at once
+        assert stats.draft_calls == 3  # one pass per tree level (the first one encodes the prompts), whole batch
     for k in [1, 3, 10]:  # relaxed: with N == K the draft's tree is the target's beam sample, at any temperature
         for temperature in [1.0, 0.5]:
             _, stats = speculative_beam_search(target, target, trie, VOCAB, ids, mask, k, k, gamma=3, mode="relaxed",
@@ -164,7 +169,7 @@ def path_logprobs(model, ids, mask, tokens):
     with torch.no_grad():
         logits = model(input_ids=torch.cat([ids, tokens], 1), attention_mask=full,
                        position_ids=prompt_positions(full)).logits
-    return torch.log_softmax(logits[:, -1].float(), -1)
+    return torch.log_softmax(logits[:, -1, VOCAB.offset:].float(), -1)  # over the code tokens, as decoding does
 
 
 def test_the_one_pass_tree_forward_equals_a_forward_per_root_to_node_path():
@@ -185,10 +190,9 @@ def test_the_one_pass_tree_forward_equals_a_forward_per_root_to_node_path():
                 lp_beams, lp_tree, _ = tree_forward(target, VOCAB, mask, beam_codes, tree, cache)
         for b in range(2):
             for h in range(beams):
-                path = VOCAB.tokens(beam_codes[b, h])
-                if cur:
-                    ref = path_logprobs(target, ids[b:b + 1], mask[b:b + 1], path.unsqueeze(0))
-                    torch.testing.assert_close(lp_beams[b, h], ref[0], atol=1e-5, rtol=0)
+                path = VOCAB.tokens(beam_codes[b, h]).unsqueeze(0)  # [1, cur]; cur == 0: after the prompt
+                ref = path_logprobs(target, ids[b:b + 1], mask[b:b + 1], path)
+                torch.testing.assert_close(lp_beams[b, h], ref[0], atol=1e-5, rtol=0)
             for j in range(depth):
                 for n in range(width):
                     chain, node = [], n
@@ -250,7 +254,7 @@ def item_distribution(model, trie, codes, ids, mask, temperature=1.0):
     lp = torch.log_softmax(logits[:, -5:-1].float(), -1)  # [n, L, V]
     total = torch.zeros(n)
     for t in range(4):
-        code_lp = VOCAB.code_logits(lp[:, t], t).masked_fill(~trie.allowed_after(codes[:, :t]), float("-inf"))
+        code_lp = level_logits(lp[:, t], t).masked_fill(~trie.allowed_after(codes[:, :t]), float("-inf"))
         code_lp = code_lp / temperature
         total += code_lp.gather(1, codes[:, t:t + 1]).squeeze(1) - code_lp.logsumexp(-1)
     return total.exp()

@@ -6,11 +6,11 @@ of its codes' log-probabilities renormalised over the codes the trie allows, i.e
 the item under the constrained model, which is what GenRec is trained on. Differences from `generate`: the prompt is encoded
 once per request and its KV cache is SHARED by the request's K beams (never copied per beam,
 never reordered): each step feeds the K short beam paths (<= L - 1 codes each) after the
-request's cached prompt in one pass, with an attention mask that keeps beams apart. With a
-history of ~80 tokens and 4-code IDs, copying the cache per beam cost more than the model
-itself. Codes are scored over their level's C tokens only, and the trie walk is one gather per
-step. This search is both the speed baseline and the verifier that speculative decoding must
-reproduce.
+request's cached prompt in one pass (`tree.tree_forward` with an empty tree), with an attention
+mask that keeps beams apart. With a history of ~80 tokens and 4-code IDs, copying the cache per
+beam cost more than the model itself. Codes are scored over their level's C tokens only, and the
+trie walk is one gather per step. This search is both the speed baseline and the verifier that
+speculative decoding must reproduce.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from atspeed_rec.models.fast_forward import KV, additive_mask, causal_prompt_mask, lm_dtype, lm_forward
+from atspeed_rec.decoding.tree import DraftTree, tree_forward
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -38,25 +38,11 @@ class BeamResult:
     forward_calls: int  # target forward passes for the whole batch
 
 
-def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of left-padded prompts, as `generate` makes them: pos = cumsum(mask) - 1."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def prefill(model, vocab: CodeVocab, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
-    """Encode the left-padded prompts `[B, P]`; code log-probs `[B, L * C]` of the next token and their KV."""
-    mask = causal_prompt_mask(attention_mask, lm_dtype(model))
-    logits, kv = lm_forward(model, vocab, input_ids, prompt_positions(attention_mask), mask, keep=1)
-    return torch.log_softmax(logits[:, -1].float(), dim=-1), kv
-
-
-def decode_one_token(model, vocab: CodeVocab, tokens: torch.Tensor, attention_mask: torch.Tensor, kv: KV):
-    """Feed one token per row `[N]` after its cache; `attention_mask [N, T]` already includes it.
-    Code log-probs `[N, L * C]` and the grown KV."""
-    positions = attention_mask.long().sum(-1, keepdim=True) - 1  # [N, 1]
-    mask = additive_mask(attention_mask.bool().unsqueeze(1), lm_dtype(model))  # [N, 1, 1, T]
-    logits, kv = lm_forward(model, vocab, tokens.unsqueeze(-1), positions, mask, kv)
-    return torch.log_softmax(logits[:, -1].float(), dim=-1), kv
+@dataclass
+class Beams:
+    codes: torch.Tensor  # [B, H, t] code paths
+    scores: torch.Tensor  # [B, H] cumulative log-probs (-inf: empty beam)
+    nodes: torch.Tensor  # [B, H] trie node of each path (0 for empty beams)
 
 
 def masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -101,23 +87,13 @@ def padded_topk(x: torch.Tensor, k: int):
     return values, index
 
 
-def paths_forward(model, vocab: CodeVocab, kv: KV, prompt_mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Code log-probs `[B, K, L * C]` after each beam path `codes [B, K, t]`, in ONE pass over the K*t path
-    tokens after each request's cached prompt (`kv`: one (keys, values) `[B, ...]` per layer).
-
-    Token (k, j) sees the request's non-pad prompt and tokens (k, 0..j) of its own beam; its
-    position is the prompt's last position + 1 + j, as in `generate`.
-    """
-    B, K, t = codes.shape
-    dev, dtype = codes.device, lm_dtype(model)
-    beam_of = torch.arange(K, device=dev).repeat_interleave(t)  # [K*t] beam of each path token
-    t_of = torch.arange(t, device=dev).repeat(K)  # [K*t] depth of each path token
-    own_path = (beam_of.unsqueeze(1) == beam_of) & (t_of <= t_of.unsqueeze(1))  # [K*t, K*t]
-    vis = torch.cat([prompt_mask.bool().unsqueeze(1).expand(B, K * t, -1), own_path.expand(B, -1, -1)], -1)
-    positions = prompt_mask.long().sum(-1, keepdim=True) + t_of  # [B, K*t]
-    last = torch.arange(K, device=dev) * t + t - 1  # [K] each beam's last token
-    logits, _ = lm_forward(model, vocab, vocab.tokens(codes).flatten(1), positions, additive_mask(vis, dtype), kv, last)
-    return torch.log_softmax(logits.float(), dim=-1)  # [B, K, L * C]; the grown cache is dropped
+def extend_beams(beams: Beams, parent: torch.Tensor, code: torch.Tensor, score: torch.Tensor, trie: CodeTrie,
+                 level: int) -> Beams:
+    """The k children `[B, k]` (parent, code) with scores `score` of the beams, `level` the new code's."""
+    k, t = parent.shape[1], beams.codes.shape[2]
+    codes = torch.cat([beams.codes.gather(1, parent.unsqueeze(-1).expand(-1, k, t)), code.unsqueeze(-1)], -1)
+    nodes = torch.where(score > NEG_INF, trie.step(beams.nodes.gather(1, parent), code, level), 0)
+    return Beams(codes, score, nodes)  # codes [B, k, t + 1]
 
 
 @torch.no_grad()
@@ -129,24 +105,15 @@ def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor
     step: the top k here, k sampled without replacement for beam sampling (`sampling.py`).
     """
     B, K, L = input_ids.shape[0], num_beams, vocab.levels
-    with record_function(STAGES["target"]):
-        logprobs, kv = prefill(model, vocab, input_ids, attention_mask)  # [B, L * C]; the prompts' KV, shared by their beams
-    with record_function(STAGES["verify"]):
-        nodes = trie.root_nodes(B, 1)  # [B, 1]
-        code_lp = masked_code_logprobs(logprobs.unsqueeze(1), vocab, trie, nodes, 0)  # [B, 1, C]
-        parent, code, scores = select(input_ids.new_zeros(B, 1, dtype=torch.float), code_lp, K)
-        codes = code.unsqueeze(-1)  # [B, K, 1]
-        alive = scores > NEG_INF
-        nodes = torch.where(alive, trie.step(nodes.expand(B, K), code, 0), 0)  # [B, K]
-    for level in range(1, L):
+    beams = Beams(input_ids.new_zeros(B, 1, 0), torch.zeros(B, 1, device=input_ids.device), trie.root_nodes(B, 1))
+    no_tree = DraftTree.empty(B, device=input_ids.device)
+    kv = None  # the prompts' KV, shared by their beams: encoded by the first pass
+    for level in range(L):
         with record_function(STAGES["target"]):
-            logprobs = paths_forward(model, vocab, kv, attention_mask, codes)  # [B, K, L * C]
+            logprobs, _, kv = tree_forward(model, vocab, attention_mask, beams.codes, no_tree, kv,
+                                           input_ids if kv is None else None)  # [B, H, L * C]
         with record_function(STAGES["verify"]):
-            code_lp = masked_code_logprobs(logprobs, vocab, trie, nodes, level)
-            parent, code, scores = select(scores, code_lp, K)
-            codes = torch.cat([codes.gather(1, parent.unsqueeze(-1).expand(-1, -1, level)),
-                               code.unsqueeze(-1)], dim=-1)  # [B, K, level + 1]
-            alive = scores > NEG_INF
-            nodes = torch.where(alive, trie.step(nodes.gather(1, parent), code, level), 0)
-    items = torch.where(alive, nodes, -1)  # the last trie step yields item ids
-    return BeamResult(items=items, codes=codes, scores=scores, forward_calls=L)
+            code_lp = masked_code_logprobs(logprobs, vocab, trie, beams.nodes, level)  # [B, H, C]
+            beams = extend_beams(beams, *select(beams.scores, code_lp, K), trie, level)  # [B, K, level + 1]
+    items = torch.where(beams.scores > NEG_INF, beams.nodes, -1)  # the last trie step yields item ids
+    return BeamResult(items=items, codes=beams.codes, scores=beams.scores, forward_calls=L)

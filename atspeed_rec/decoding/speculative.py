@@ -14,21 +14,23 @@ One round, for the requests at depth `cur` with H current beams (codes and TARGE
    cumulative scores divided by a temperature T (`beam_sample`'s), 1 by default.
 A round advances (accepted levels + 1) codes. Requests at the same depth share the round's calls;
 deeper ones wait (the shallowest depth goes first), finished ones leave the batch. Both models keep
-only their prompt KV between rounds: the beam paths (<= K * (L - 1) tokens) are re-fed each round.
+only their prompt KV: every pass re-feeds what follows it (`tree.tree_forward`), the beam paths
+(<= K * (L - 1) tokens) each round and, for the draft, the tree grown so far at each level: the draft
+is tiny, its cost is per call, and a few dozen re-fed tokens are cheaper than a cache per node.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.profiler import record_function
 
-from atspeed_rec.decoding.beam_search import (NEG_INF, STAGES, BeamResult, decode_one_token,
-                                              masked_code_logprobs, prefill, select_top_k)
+from atspeed_rec.decoding.beam_search import (NEG_INF, STAGES, BeamResult, Beams, extend_beams,
+                                              masked_code_logprobs, select_top_k)
 from atspeed_rec.decoding.sampling import gumbel, gumbel_top_k, sample_top_k, sort_beams
 from atspeed_rec.decoding.tree import DraftTree, cache_rows, tree_forward
-from atspeed_rec.models.fast_forward import additive_mask, lm_dtype, lm_forward
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -44,61 +46,36 @@ class SpecStats:  # totals for the batch; per-request tensors where noted
     rounds: torch.Tensor  # [B]
 
 
-@dataclass
-class Beams:
-    codes: torch.Tensor  # [G, H, cur]
-    scores: torch.Tensor  # [G, H] target cumulative log-probs (-inf: empty beam)
-    nodes: torch.Tensor  # [G, H] trie node of each prefix (0 for empty beams)
-
-
 # ---------------------------------------------------------------- draft
 
 
-def draft_paths(draft, kv, rows, prompt_mask, beams: Beams, vocab: CodeVocab):
-    """Feed the beam paths after the draft's cached prompt: log-probs `[G, H, V]` and the KV of the
-    G*H rows (prompt + path), one row per beam."""
-    G, H, cur = beams.codes.shape
-    kv = [(k.repeat_interleave(H, 0), v.repeat_interleave(H, 0)) for k, v in cache_rows(kv, rows)]
-    mask = prompt_mask.repeat_interleave(H, dim=0)  # [G*H, P]
-    positions = mask.long().sum(-1, keepdim=True) + torch.arange(cur, device=mask.device)  # [G*H, cur]
-    causal = torch.ones(cur, cur, dtype=torch.bool, device=mask.device).tril()  # the path, causally
-    visible = torch.cat([mask.bool().unsqueeze(1).expand(-1, cur, -1), causal.expand(G * H, -1, -1)], -1)
-    tokens = vocab.tokens(beams.codes).flatten(0, 1)  # [G*H, cur]
-    logits, kv = lm_forward(draft, vocab, tokens, positions, additive_mask(visible, lm_dtype(draft)), kv, keep=1)
-    return torch.log_softmax(logits[:, -1].float(), dim=-1).view(G, H, -1), kv
+def draft_tree(draft, kv, prompt_mask, beams: Beams, trie: CodeTrie, vocab: CodeVocab, depth: int, width: int,
+               mode: str, generator=None, temperature: float = 1.0, prompt_ids=None):
+    """`depth` levels of width-`width` beam search from the current beams, starting from their TARGET scores.
 
-
-def draft_tree(draft, cache, logprobs, beams: Beams, trie: CodeTrie, vocab: CodeVocab, prompt_mask,
-               depth: int, width: int, mode: str, generator=None, temperature: float = 1.0):
-    """`depth` levels of width-`width` beam search from the current beams.
-
-    logprobs: `[G, H, V]` draft log-probs after each current beam; `cache` rows G*H hold their paths.
-    Returns the tree and the number of draft forward passes it took.
+    Level j is one draft pass (`tree_forward`) over the beam paths + the j levels grown so far after the
+    cached prompt `kv` (first round: kv None, and the first pass encodes `prompt_ids` too).
+    Returns the tree and the prompt's KV.
     """
-    G, N, cur = logprobs.shape[0], width, beams.codes.shape[2]
-    scores, nodes = beams.scores, beams.nodes  # cumulative scores start from the TARGET's
-    parents, codes, alive, logq = [], [], [], []
+    G, _, cur = beams.codes.shape
+    tree = DraftTree.empty(G, width, beams.codes.device)
+    scores, nodes = beams.scores, beams.nodes  # [G, h]
     for j in range(depth):
+        lp_beams, lp_tree, kv = tree_forward(draft, vocab, prompt_mask, beams.codes, tree, kv,
+                                             prompt_ids if kv is None else None)
+        logprobs = lp_tree[:, -1] if j else lp_beams  # [G, h, L * C] after the newest level's nodes
         code_lp = masked_code_logprobs(logprobs, vocab, trie, nodes, cur + j)  # [G, h, C]
+        logq = None
         if mode == "strict":
-            parent, code, scores = select_top_k(scores, code_lp, N)  # top-N of S + log q
+            parent, code, scores = select_top_k(scores, code_lp, width)  # top-N of S + log q
         else:
-            q = torch.log_softmax((scores.unsqueeze(-1) + code_lp).flatten(1) / temperature, -1)  # q_j: (parent, code)
-            logq.append(q.view_as(code_lp))
-            parent, code, scores = sample_top_k(scores, code_lp, N, generator, temperature)
+            logq = torch.log_softmax((scores.unsqueeze(-1) + code_lp).flatten(1) / temperature, -1)
+            logq = logq.view_as(code_lp)  # [G, h, C] q_j over (parent, code)
+            parent, code, scores = sample_top_k(scores, code_lp, width, generator, temperature)
         live = scores > NEG_INF
         nodes = torch.where(live, trie.step(nodes.gather(1, parent), code, cur + j), 0)  # [G, N]
-        parents.append(parent), codes.append(code), alive.append(live)
-        if j < depth - 1:
-            h = logprobs.shape[1]
-            rows = (torch.arange(G, device=parent.device).unsqueeze(-1) * h + parent).flatten()  # [G*N]
-            cache = cache_rows(cache, rows)  # each node continues its parent's row
-            mask = prompt_mask.repeat_interleave(N, dim=0)
-            mask = torch.cat([mask, mask.new_ones(G * N, cur + j + 1)], dim=1)  # prompt + path + tree levels
-            logprobs, cache = decode_one_token(draft, vocab, vocab.tokens(code, cur + j).flatten(), mask, cache)
-            logprobs = logprobs.view(G, N, -1)
-    tree = DraftTree(torch.stack(parents, 1), torch.stack(codes, 1), torch.stack(alive, 1), logq)
-    return tree, max(depth - 1, 0)
+        tree = tree.grow(parent, code, live, logq)
+    return tree, kv
 
 
 # ---------------------------------------------------------------- verification
@@ -117,54 +94,27 @@ def _empty_out(beams: Beams, K: int, d: int):
     return codes, beams.scores.new_full((G, K), NEG_INF), beams.nodes.new_zeros(G, K), beams.nodes.new_zeros(G)
 
 
-def _gather_beams(beams: Beams, parent, code, score, trie: CodeTrie, depth: int) -> Beams:
-    """Children (parent, code) of the beams, as `beam_search` builds them."""
-    K, cur = parent.shape[1], beams.codes.shape[2]
-    codes = torch.cat([beams.codes.gather(1, parent.unsqueeze(-1).expand(-1, K, cur)), code.unsqueeze(-1)], -1)
-    alive = score > NEG_INF
-    nodes = torch.where(alive, trie.step(beams.nodes.gather(1, parent), code, depth), 0)
-    return Beams(codes, score, nodes)
-
-
 def _node_logprobs(lp_tree, level: int, node):
-    """Target log-probs `[G, K, V]` after the tree nodes `node [G, K]` of `level`."""
-    lp = lp_tree[:, level]  # [G, N, V]
+    """Target log-probs `[G, K, L * C]` after the tree nodes `node [G, K]` of `level`."""
+    lp = lp_tree[:, level]  # [G, N, L * C]
     return lp.gather(1, node.unsqueeze(-1).expand(-1, -1, lp.shape[-1]))
 
 
-def verify_strict(lp_beams, lp_tree, tree: DraftTree, beams: Beams, K: int, trie: CodeTrie, vocab: CodeVocab):
-    """Strict top-K verification of one tree per request.
+def strict_level(code_lp, scores, where, drafted, K: int):
+    """Strict rule of one level: T_i = the top K of S_p(h) + log p(v | h), exactly what `beam_search` keeps;
+    go on iff every live pair of T_i is a drafted node (never at the bonus level, `drafted` None).
 
-    Returns the new beams `[G, K, cur + d + 1]` (codes past a row's new depth are 0) and the number
-    of codes each request advanced `[G]` (accepted levels + 1).
+    code_lp: `[G, h, C]`; scores, where: `[G, h]` (each current beam's index among the drafted nodes'
+    parents); drafted: `DraftTree.level(i)`. Returns parent, code, score, node `[G, K]` and go_on `[G]`.
     """
-    G, H, cur = beams.codes.shape
-    d = tree.depth
-    out = _empty_out(beams, K, d)
-    running = torch.ones(G, dtype=torch.bool, device=lp_beams.device)
-    where = torch.arange(H, device=lp_beams.device).expand(G, H)  # beams' indices in the parent space of level 0
-    lp = lp_beams
-    for i in range(d + 1):
-        code_lp = masked_code_logprobs(lp, vocab, trie, beams.nodes, cur + i)  # [G, h, C]
-        parent, code, score = select_top_k(beams.scores, code_lp, K)  # T_i, exactly as beam_search
-        new = _gather_beams(beams, parent, code, score, trie, cur + i)
-        accept = torch.zeros_like(running)
-        if i < d:
-            parent_node = where.gather(1, parent)  # [G, K] tree index of each T_i pair's parent
-            same = ((parent_node.unsqueeze(-1) == tree.parents[:, i].unsqueeze(1))
-                    & (code.unsqueeze(-1) == tree.codes[:, i].unsqueeze(1))
-                    & tree.alive[:, i].unsqueeze(1))  # [G, K, N]
-            found = same.any(-1) | (score == NEG_INF)  # empty beams need no node
-            accept = running & found.all(-1)
-            where = same.long().argmax(-1)  # [G, K] node of each accepted pair
-        stop = running & ~accept
-        _emit(out, stop, new, i)
-        running = accept
-        if not running.any():
-            break
-        beams, lp = new, _node_logprobs(lp_tree, i, where)
-    codes, scores, nodes, advanced = out
-    return Beams(codes, scores, nodes), advanced
+    parent, code, score = select_top_k(scores, code_lp, K)  # T_i [G, K]
+    if drafted is None:
+        return parent, code, score, torch.zeros_like(parent), torch.zeros_like(parent[:, 0], dtype=torch.bool)
+    parents, codes, alive, _ = drafted  # [G, N]
+    same = ((where.gather(1, parent).unsqueeze(-1) == parents.unsqueeze(1))
+            & (code.unsqueeze(-1) == codes.unsqueeze(1)) & alive.unsqueeze(1))  # [G, K, N] pair k is node n
+    found = same.any(-1) | (score == NEG_INF)  # empty beams need no node
+    return parent, code, score, same.long().argmax(-1), found.all(-1)
 
 
 def accept_drafts(logp: torch.Tensor, logq: torch.Tensor, generator=None) -> torch.Tensor:
@@ -189,14 +139,17 @@ def fill_beams(accepted: torch.Tensor, residual: torch.Tensor, logp: torch.Tenso
     return flat, valid
 
 
-def relaxed_level(logp, logq, parents, codes, alive, where, beam_alive, K: int, generator=None):
-    """Relaxed verification of one tree level.
+def relaxed_draw(logp, drafted, where, beam_alive, K: int, generator=None):
+    """K pairs of one drafted level: each drafted node y is accepted with prob min(1, p_i(y) / q_i(y)); with
+    >= K accepted (or all of p_i's support) keep K of them at random and go on, else keep them, fill up
+    from the residual max(p_i - q_i, 0) and stop.
 
-    logp: `[G, h*C]` target p_i over (current beam, code); logq: `[G, n_par, C]` the draft's q_i over
-    (parent node, code); parents, codes, alive: `[G, N]` the drafted nodes; where: `[G, h]` each current
-    beam's index in the parent space. Returns pairs `[G, K]` (flat beam*C + code), their validity,
+    logp: `[G, h*C]` target p_i over (current beam, code); drafted: `DraftTree.level(i)`, nodes `[G, N]`
+    and q_i `[G, n_par, C]` over (parent node, code); where: `[G, h]` each current beam's index in the
+    parent space; beam_alive: `[G, h]`. Returns pairs `[G, K]` (flat beam*C + code), their validity,
     their tree node (for accepted ones) and whether each request may continue `[G]`.
     """
+    parents, codes, alive, logq = drafted
     G, N = codes.shape
     n_par, C = logq.shape[1:]
     h = where.shape[1]
@@ -221,35 +174,47 @@ def relaxed_level(logp, logq, parents, codes, alive, where, beam_alive, K: int, 
     return flat, valid, node_of.gather(1, flat), go_on
 
 
-def verify_relaxed(lp_beams, lp_tree, tree: DraftTree, beams: Beams, K: int, trie: CodeTrie, vocab: CodeVocab,
-                   generator=None, temperature: float = 1.0):
-    """Relaxed sampling verification of one tree per request; same returns as `verify_strict`
-    (beams in draw order, not sorted)."""
+def relaxed_level(code_lp, scores, where, drafted, K: int, generator=None, temperature: float = 1.0):
+    """Relaxed rule of one level over p_i = softmax((S_p(h) + log p(v | h)) / T) on (current beam, code):
+    the K pairs of `relaxed_draw`, or K sampled from p_i at the bonus level (`drafted` None), with their
+    untempered scores, in draw order. Same arguments and returns as `strict_level`."""
+    C = code_lp.shape[-1]
+    total = (scores.unsqueeze(-1) + code_lp).flatten(1)  # [G, h*C] S_p(h) + log p(v | h)
+    logp = torch.log_softmax(total / temperature, -1)  # p_i
+    if drafted is None:
+        flat, valid = gumbel_top_k(logp, K, generator)  # [G, K]
+        node, go_on = torch.zeros_like(flat), torch.zeros_like(valid[:, 0])
+    else:
+        flat, valid, node, go_on = relaxed_draw(logp, drafted, where, scores > NEG_INF, K, generator)
+    score = total.gather(1, flat).masked_fill(~valid, NEG_INF)
+    return flat // C, flat % C, score, node.masked_fill(~valid, 0), go_on
+
+
+def verify(lp_beams, lp_tree, tree: DraftTree, beams: Beams, K: int, trie: CodeTrie, vocab: CodeVocab,
+           mode: str = "strict", generator=None, temperature: float = 1.0):
+    """Verification of one tree per request: at level i = 0..d the mode's rule (`strict_level`,
+    `relaxed_level`) picks K pairs; the rows that stop emit them, the others go on from their tree nodes.
+
+    lp_beams `[G, H, L * C]`, lp_tree `[G, d, N, L * C]`: target log-probs after the beams and the nodes.
+    Returns the new beams `[G, K, cur + d + 1]` (codes past a row's new depth are 0; relaxed: in draw
+    order) and the number of codes each request advanced `[G]` (accepted levels + 1).
+    """
+    rule = strict_level if mode == "strict" else partial(relaxed_level, generator=generator, temperature=temperature)
     G, H, cur = beams.codes.shape
-    C, d = vocab.codebook_size, tree.depth
-    out = _empty_out(beams, K, d)
+    out = _empty_out(beams, K, tree.depth)
     running = torch.ones(G, dtype=torch.bool, device=lp_beams.device)
-    where = torch.arange(H, device=lp_beams.device).expand(G, H)
+    where = torch.arange(H, device=lp_beams.device).expand(G, H)  # [G, h] beams' indices in level 0's parent space
     lp = lp_beams
-    for i in range(d + 1):
+    for i in range(tree.depth + 1):
         code_lp = masked_code_logprobs(lp, vocab, trie, beams.nodes, cur + i)  # [G, h, C]
-        total = (beams.scores.unsqueeze(-1) + code_lp).flatten(1)  # [G, h*C] S_p(h) + log p(v | h)
-        logp = torch.log_softmax(total / temperature, -1)  # p_i
-        if i == d:  # bonus: sample K from p_d
-            flat, valid = gumbel_top_k(logp, K, generator)
-            go_on = torch.zeros_like(running)
-        else:
-            flat, valid, node, go_on = relaxed_level(logp, tree.logq[i], tree.parents[:, i], tree.codes[:, i],
-                                                     tree.alive[:, i], where, beams.scores > NEG_INF, K, generator)
-        score = total.gather(1, flat).masked_fill(~valid, NEG_INF)
-        new = _gather_beams(beams, flat // C, flat % C, score, trie, cur + i)
-        accept = running & go_on
-        _emit(out, running & ~accept, new, i)
-        running = accept
+        drafted = tree.level(i) if i < tree.depth else None  # i == d: the bonus level
+        parent, code, score, where, go_on = rule(code_lp, beams.scores, where, drafted, K)  # [G, K], [G]
+        beams = extend_beams(beams, parent, code, score, trie, cur + i)
+        _emit(out, running & ~go_on, beams, i)
+        running = running & go_on
         if not running.any():
             break
-        where = node.masked_fill(~valid, 0)
-        beams, lp = new, _node_logprobs(lp_tree, i, where)
+        lp = _node_logprobs(lp_tree, i, where)
     codes, scores, nodes, advanced = out
     return Beams(codes, scores, nodes), advanced
 
@@ -287,38 +252,25 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
         cur = int(depth[depth < L].min())
         rows = (depth == cur).nonzero().flatten()  # this round's requests
         G, mask = rows.numel(), attention_mask[rows]
-        if cur == 0:  # first round: the empty beam (all requests start here together)
+        first = cur == 0  # first round, every request: the empty beam, and its first passes encode the prompts
+        if first:
             beams = Beams(codes[rows, :1, :0], scores.new_zeros(G, 1), trie.root_nodes(G, 1))
         else:
             beams = Beams(codes[rows, :, :cur], scores[rows], nodes[rows])
+        ids = input_ids[rows] if first else None
         d = min(gamma, L - cur - 1)
-        if d == 0:
-            tree = DraftTree.empty(G, N, dev)
-        else:
-            with record_function(STAGES["draft"]):
-                if cur == 0:
-                    logprobs, draft_kv = prefill(draft, vocab, input_ids[rows], mask)
-                    cache = draft_kv
-                    logprobs = logprobs.unsqueeze(1)  # [G, 1, V]
-                else:
-                    logprobs, cache = draft_paths(draft, draft_kv, rows, mask, beams, vocab)
-                tree, n = draft_tree(draft, cache, logprobs, beams, trie, vocab, mask, d, N, mode, generator,
-                                     temperature)
-            stats.draft_calls += 1 + n
+        with record_function(STAGES["draft"]):
+            tree, kv = draft_tree(draft, None if first else cache_rows(draft_kv, rows), mask, beams, trie, vocab,
+                                  d, N, mode, generator, temperature, ids)
+        stats.draft_calls += d
         with record_function(STAGES["target"]):
-            if cur == 0:
-                lp_beams, lp_tree, target_kv = tree_forward(target, vocab, mask, beams.codes, tree,
-                                                            prompt_ids=input_ids[rows])  # prefill + tree
-            else:
-                lp_beams, lp_tree, _ = tree_forward(target, vocab, mask, beams.codes, tree,
-                                                    cache_rows(target_kv, rows))
+            lp_beams, lp_tree, kv_t = tree_forward(target, vocab, mask, beams.codes, tree,
+                                                   None if first else cache_rows(target_kv, rows), ids)
+        if first:
+            draft_kv, target_kv = kv, kv_t
         calls += 1
         with record_function(STAGES["verify"]):
-            if mode == "strict":
-                new, advanced = verify_strict(lp_beams, lp_tree, tree, beams, K, trie, vocab)
-            else:
-                new, advanced = verify_relaxed(lp_beams, lp_tree, tree, beams, K, trie, vocab, generator,
-                                               temperature)
+            new, advanced = verify(lp_beams, lp_tree, tree, beams, K, trie, vocab, mode, generator, temperature)
         width = new.codes.shape[-1]
         codes[rows, :, :width] = new.codes
         scores[rows], nodes[rows] = new.scores, new.nodes

@@ -1,9 +1,11 @@
-"""Draft trees and the one-pass tree forward that verifies them.
+"""Beam paths + a tree after a prompt, in ONE forward pass: the only way decoding feeds code tokens.
 
-A round's target input (per request) is [the prompt, first round only] + the H current beams' code
-paths (H chains of `cur` tokens) + the N*d tree tokens (level j, node n at index j*N + n). Every
-token sees the request's non-pad prompt, its own ancestors and itself; its position id is the
-prompt's last position + 1 + its depth. The mask is built in full for the lean forward
+The input (per request) is [the prompt, unless it is cached] + the H current beams' code paths
+(H chains of `cur` tokens) + the N*d tree tokens (level j, node n at index j*N + n). Every token
+sees the request's non-pad prompt, its own ancestors and itself; its position id is the prompt's
+last position + 1 + its depth. A plain path is a tree without branches: beam search feeds its K
+beams with an empty tree, the draft re-feeds the beams + the levels it has grown so far, the
+target verifies beams + the whole draft tree. The mask is built in full for the lean forward
 (`models/fast_forward.py`): additive float, shape [G, 1, q, cache + q], 0 where visible and
 dtype-min elsewhere.
 """
@@ -14,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from atspeed_rec.decoding.beam_search import prompt_positions
 from atspeed_rec.models.fast_forward import KV, additive_mask, lm_dtype, lm_forward
 from atspeed_rec.models.vocab import CodeVocab
 
@@ -27,13 +28,29 @@ class DraftTree:
     logq: list[torch.Tensor]  # relaxed only: level j's draft distribution over (parent, code), [G, n_parents, C]
 
     @staticmethod
-    def empty(groups: int, width: int, device=None) -> "DraftTree":
+    def empty(groups: int, width: int = 0, device=None) -> "DraftTree":
         z = torch.zeros(groups, 0, width, dtype=torch.long, device=device)
         return DraftTree(z, z.clone(), z.bool(), [])
 
     @property
     def depth(self) -> int:
         return self.codes.shape[1]
+
+    def grow(self, parents: torch.Tensor, codes: torch.Tensor, alive: torch.Tensor, logq=None) -> "DraftTree":
+        """The tree with one more level of nodes `[G, N]` (and its q `[G, n_parents, C]` in relaxed mode)."""
+        def cat(old, new):
+            return torch.cat([old, new.unsqueeze(1)], 1)  # [G, d + 1, N]
+        return DraftTree(cat(self.parents, parents), cat(self.codes, codes), cat(self.alive, alive),
+                         self.logq + ([] if logq is None else [logq]))
+
+    def level(self, j: int):
+        """Level j's parents, codes, alive `[G, N]` and q_j `[G, n_parents, C]` (None in strict mode)."""
+        return self.parents[:, j], self.codes[:, j], self.alive[:, j], self.logq[j] if self.logq else None
+
+
+def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded prompts, as `generate` makes them: pos = cumsum(mask) - 1."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def tree_ancestry(parents: torch.Tensor):
@@ -104,17 +121,20 @@ def cache_rows(kv: KV, rows: torch.Tensor) -> KV:
 
 def tree_forward(model, vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes: torch.Tensor,
                  tree: DraftTree, kv: KV | None = None, prompt_ids: torch.Tensor | None = None):
-    """ONE target pass over beam paths + tree (+ the prompt when `kv` is None).
+    """ONE pass of `model` over beam paths `[G, H, cur]` + tree after the cached prompt `kv`, or after
+    the prompt `prompt_ids [G, P]` fed in the same pass (kv None; cur == 0 then, H == 1).
 
-    Returns log-probs after each beam `[G, H, V]`, after each tree node `[G, d, N, V]`, and the KV
-    of the prompt alone (what later rounds reuse).
+    Returns code log-probs after each beam `[G, H, L * C]` (after the prompt when cur == 0), after each
+    tree node `[G, d, N, L * C]`, and the prompt's KV alone (`kv` itself, or the new prompt's): what
+    the next pass after the same prompt reuses.
     """
     G, H, _ = beam_codes.shape
     _, d, N = tree.codes.shape
     tokens, positions, mask, keep = tree_inputs(vocab, prompt_mask, beam_codes, tree, prompt_ids,
                                                 dtype=lm_dtype(model))
-    logits, kv = lm_forward(model, vocab, tokens, positions, mask, kv, keep)
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [G, H + dN, V]
-    P = prompt_mask.shape[1]
-    kv = [(k[:, :, :P], v[:, :, :P]) for k, v in kv]  # cut back to the prompt
+    logits, grown = lm_forward(model, vocab, tokens, positions, mask, kv, keep)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [G, H + dN, L * C]
+    if kv is None:
+        P = prompt_mask.shape[1]
+        kv = [(k[:, :, :P], v[:, :, :P]) for k, v in grown]  # cut back to the prompt
     return logprobs[:, :H], logprobs[:, H:].view(G, d, N, logprobs.shape[-1]), kv

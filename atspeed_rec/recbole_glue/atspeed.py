@@ -19,7 +19,7 @@ from atspeed_rec.decoding.speculative import speculative_beam_search
 from atspeed_rec.errors import ConfigError
 from atspeed_rec.models.draft import build_draft
 from atspeed_rec.recbole_glue.base import ProjectModel
-from atspeed_rec.recbole_glue.genrec import GenRec, beams_to_scores
+from atspeed_rec.recbole_glue.genrec import GenRec, trim_left, beams_to_scores
 from atspeed_rec.recbole_glue.metrics import SpecMeter, timed
 
 DRAFT_KEYS = ("draft_n_layers", "draft_hidden_size", "draft_n_heads", "draft_inner_size",
@@ -58,6 +58,8 @@ class AtSpeedS(ProjectModel):
             raise ConfigError(f"sample_temperature={self.temperature}: relaxed sampling divides scores by it; "
                               "fix: a value > 0 (1 = plain beam sampling, smaller = closer to beam search)")
         self.timed_batches = int(config["speedup_batches"])  # batches also decoded target-only
+        self.single_requests = int(config["speedup_requests"])  # test requests also timed alone, both ways
+        self.phase = "test"
         self.seed = int(config["seed"])
         self.generator: torch.Generator | None = None  # relaxed sampling; made on the requests' device
         self.spec_meter = SpecMeter()
@@ -77,6 +79,7 @@ class AtSpeedS(ProjectModel):
     def start_evaluation(self, phase: str) -> None:
         """Validation decodes at `valid_beams`, the test at `num_beams`; the sampling generator is
         reseeded, so each evaluation draws the same samples whatever ran before."""
+        self.phase = phase
         self.eval_beams = self.valid_beams if phase == "valid" else self.num_beams
         self.generator = None  # reseeded at the next batch
 
@@ -102,7 +105,34 @@ class AtSpeedS(ProjectModel):
                                                           input_ids, mask, self.eval_beams), input_ids.device)
         self.spec_meter.add(len(input_ids), float(stats.accepted_steps.sum()), float(stats.drafted_levels.sum()),
                             float(stats.target_calls.sum()), spec_seconds, target_seconds)
+        if self.phase == "test":
+            self.time_single_requests(input_ids, mask)
         return beams_to_scores(beams, self.n_items)  # [B, n_items]
+
+    def time_single_requests(self, input_ids, mask) -> None:
+        """The paper's speedup: requests of the test split decoded alone (batch 1), target-only and
+        speculatively, alternating which goes first, on a generator of their own (the evaluation's
+        samples are unchanged); the first request warms both up and is not counted."""
+        meter, device = self.spec_meter, input_ids.device
+        generator = torch.Generator(device).manual_seed(self.seed + 1)
+        for row in range(len(input_ids)):
+            done = len(meter.single_spec_ms)
+            if done >= self.single_requests:
+                return
+            ids, m = trim_left(input_ids[row:row + 1], mask[row:row + 1])
+            target = (lambda: beam_search(self.target.lm, self.target.trie, self.target.vocab, ids, m, self.num_beams))
+            spec = (lambda: speculative_beam_search(
+                self.target.lm, self.draft, self.target.trie, self.target.vocab, ids, m, self.num_beams,
+                self.draft_beams, self.gamma, mode=self.verification, generator=generator,
+                temperature=self.temperature))
+            if done == 0 and not meter.warmed_up:
+                target(), spec()
+                meter.warmed_up = True
+            if done % 2:
+                (_, t_spec), (_, t_target) = timed(spec, device), timed(target, device)
+            else:
+                (_, t_target), (_, t_spec) = timed(target, device), timed(spec, device)
+            meter.add_single(t_target, t_spec)
 
     def predict(self, interaction):
         return self.target.predict(interaction)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from recbole.utils import InputType
 
-from atspeed_rec.decoding.beam_search import BeamResult, beam_search, masked_log_softmax, prompt_positions
+from atspeed_rec.decoding.beam_search import BeamResult, beam_search, masked_log_softmax
+from atspeed_rec.decoding.tree import prompt_positions
 from atspeed_rec.errors import ConfigError
 from atspeed_rec.models.fast_forward import hidden_code_logits
 from atspeed_rec.models.item_embedding import ItemTokenEmbedding
@@ -112,10 +113,10 @@ class GenRec(ProjectModel):
                                    self.max_seq_length)
         tokens = self.vocab.history_tokens(self.item_codes, items)
         if self.text_prompt is None:
-            return _trim_left(tokens, tokens != self.vocab.pad_id)
+            return trim_left(tokens, tokens != self.vocab.pad_id)
         # the pad id may be a text token (eos): the mask comes from the items, not the tokens
         tokens, mask = self.text_prompt(tokens, (items > 0).repeat_interleave(self.vocab.levels, dim=1))
-        return _trim_left(tokens, mask)
+        return trim_left(tokens, mask)
 
     # ---- training ------------------------------------------------------------------------
     def calculate_loss(self, interaction):
@@ -227,7 +228,7 @@ def beams_to_scores(beams: BeamResult, n_items: int) -> torch.Tensor:
     return scores
 
 
-def _trim_left(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def trim_left(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the leading columns that are padding in every row (left-padded batches)."""
     start = int((~mask).all(dim=0).long().cumprod(0).sum())
     return tokens[:, start:], mask[:, start:]
