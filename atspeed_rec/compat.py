@@ -1,13 +1,16 @@
 """Make RecBole 1.2.1 run on today's numpy 2, torch >= 2.6 and CPU-only torch.distributed.
 
 Applied once, on `import atspeed_rec`, before any RecBole `Config` is built. Every patch is
-scoped to RecBole's own modules; nothing here changes torch or numpy for other code.
+scoped to RecBole's own modules; nothing here changes torch or numpy for other code. One patch is
+for safety, not compatibility: RecBole's dataset and dataloader caches (pickles in `saved/`) are
+never read.
 See ../shared/reference/recbole-notes.md for what breaks without each patch.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import socket
 import types
@@ -116,6 +119,44 @@ def _init_device(self) -> None:
         cfg["verbose"] = False
 
 
+def _dataset_class(config):
+    """The dataset class RecBole's `create_dataset` picks for the model."""
+    import importlib
+
+    from recbole.utils import ModelType
+    module = importlib.import_module("recbole.data.dataset")
+    if hasattr(module, config["model"] + "Dataset"):
+        return getattr(module, config["model"] + "Dataset")
+    by_type = {ModelType.SEQUENTIAL: "SequentialDataset", ModelType.KNOWLEDGE: "KnowledgeBasedDataset"}
+    return getattr(module, by_type.get(config["MODEL_TYPE"], "Dataset"))
+
+
+def _ignored_pickle(path: str) -> None:
+    if os.path.exists(path):
+        logging.getLogger().warning(f"not reading {path}: RecBole's cache is a pickle, which can run code when "
+                                    "loaded; the data is built from the atomic files instead")
+
+
+def create_dataset(config):
+    """RecBole's `create_dataset` without its cache: the dataset is always built from the atomic files.
+    RecBole would unpickle `<checkpoint_dir>/<dataset>-<Class>.pth` (or `dataset_save_path`) whenever it
+    exists, and a planted pickle runs any code it likes."""
+    dataset_class = _dataset_class(config)
+    default = os.path.join(config["checkpoint_dir"], f'{config["dataset"]}-{dataset_class.__name__}.pth')
+    _ignored_pickle(config["dataset_save_path"] or default)
+    dataset = dataset_class(config)
+    if config["save_dataset"]:
+        dataset.save()
+    return dataset
+
+
+def load_split_dataloaders(config):
+    """RecBole's `load_split_dataloaders`, which never reads its pickle: the split is made afresh."""
+    default = os.path.join(config["checkpoint_dir"], f'{config["dataset"]}-for-{config["model"]}-dataloader.pth')
+    _ignored_pickle(config["dataloaders_save_path"] or default)
+    return None
+
+
 def apply() -> None:
     """Apply every patch once; safe to call again."""
     global _APPLIED
@@ -132,6 +173,11 @@ def apply() -> None:
     # imported (any sequential model imports it): every backward pass then runs several times
     # slower. Importing it here, once, and switching detection back off ends that.
     torch.autograd.set_detect_anomaly(False)
+    import recbole.data
+    import recbole.data.utils as data_utils
+
+    data_utils.create_dataset = recbole.data.create_dataset = create_dataset  # no pickled caches read
+    data_utils.load_split_dataloaders = load_split_dataloaders
     configurator.Config._init_device = _init_device
     dataset.pd = _recbole_pandas()
     trainer.torch = _recbole_torch()

@@ -69,3 +69,37 @@ def test_recbole_does_not_leave_autograd_anomaly_detection_on():
 
     get_model_class("SASRec")  # imports RecBole's sequential models, sine.py among them
     assert not torch.is_anomaly_enabled()
+
+
+class Payload:
+    """Unpickling this runs code: it writes the file named in its argument."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_recboles_pickled_caches_in_saved_are_never_unpickled(synth_root, in_tmp_dir):
+    import pickle
+
+    from atspeed_rec.recbole_glue.cli import main
+    saved = in_tmp_dir / "saved"
+    saved.mkdir()
+    names = ["synth-SequentialDataset.pth", "synth-Dataset.pth", "synth-for-GenRec-dataloader.pth",
+             "synth-for-SASRec-dataloader.pth", "custom-dataset.pth", "custom-dataloaders.pth"]
+    for name in names:
+        (saved / name).write_bytes(pickle.dumps(Payload(in_tmp_dir / f"ran-{name}")))
+    for model in ("GenRec", "SASRec"):
+        code = main([f"--model={model}", "--dataset=synth", f"--data_path={synth_root}",
+                     f"--config_files={synth_root / 'synth.yaml'}", "--epochs=1", "--n_layers=1",
+                     "--hidden_size=32", "--n_heads=2", "--inner_size=64", "--sid_codebook_size=8",
+                     "--sid_source=collaborative"])
+        assert code == 0
+    code = main(["--model=GenRec", "--dataset=synth", f"--data_path={synth_root}",
+                 f"--config_files={synth_root / 'synth.yaml'}", "--epochs=1", "--sid_codebook_size=8",
+                 f"--dataset_save_path={saved / 'custom-dataset.pth'}",
+                 f"--dataloaders_save_path={saved / 'custom-dataloaders.pth'}"])
+    assert code == 0
+    assert not list(in_tmp_dir.glob("ran-*")), "a pickle in saved/ was loaded"
