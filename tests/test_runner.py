@@ -93,3 +93,27 @@ def test_a_dataset_file_sizes_the_model_budget_as_in_recbole():
     assert config["epochs"] == 4  # properties/dataset/ml-100k.yaml, over GenRec.yaml's 12
     assert config["n_layers"] == 4  # from GenRec.yaml, untouched by the dataset file
     assert build_config("AtSpeedR", "ml-100k")["align_loss"] == "atspeed_r"  # AtSpeedR.yaml over AtSpeedS.yaml
+
+
+def test_a_users_own_dataset_without_a_property_file_trains_under_the_protocol(tmp_path, in_tmp_dir):
+    from synthetic import make_dataset
+    root = make_dataset(tmp_path / "mine", name="mydata", n_users=60)  # .inter with user, item, timestamp
+    out = in_tmp_dir / "r.json"
+    for model in ("SASRec", "GenRec"):
+        assert main([f"--model={model}", "--dataset=mydata", f"--data_path={root}", "--epochs=1",
+                     "--hidden_size=32", "--n_layers=1", "--n_heads=2", "--inner_size=64", "--sid_codebook_size=8",
+                     "--show_progress=False", f"--result_file={out}"]) == 0
+        result = json.loads(out.read_text())
+        assert result["config"]["load_col"]["inter"] == ["user_id", "item_id", "timestamp"]
+        assert 0 <= result["test"]["ndcg@10"] <= 1
+
+
+def test_a_dataset_without_timestamps_is_refused_with_the_fix(tmp_path, in_tmp_dir, capsys):
+    folder = tmp_path / "notime"
+    folder.mkdir()
+    (folder / "notime.inter").write_text("user_id:token\titem_id:token\n" +
+                                         "".join(f"u{u}\ti{(u + k) % 9}\n" for u in range(20) for k in range(6)))
+    assert main(["--model=SASRec", "--dataset=notime", f"--data_path={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "'timestamp' is not loaded" in err and "fix: add a 'timestamp:float' column" in err
+    assert "Traceback" not in err

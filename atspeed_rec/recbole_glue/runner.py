@@ -78,13 +78,55 @@ def build_config(model: str, dataset: str, config_files=None, overrides=None) ->
                             config_dict=dict(overrides or {}))
     except (ValueError, NotImplementedError) as err:  # RecBole's own checks, clear but raised raw
         raise ConfigError(f"invalid configuration: {err}") from None
+    if not any("load_col" in _properties_of(f) for f in files) and "load_col" not in (overrides or {}):
+        load_columns_from_header(config)
     check_config(config)
     return config
+
+
+def _properties_of(path) -> dict:
+    return yaml.load(Path(path).read_text(), Loader=yaml.FullLoader) or {}
+
+
+def _header(path: Path) -> list[str]:
+    """Field names of an atomic file's header (`name:type` columns)."""
+    with open(path, encoding="utf-8") as f:
+        return [column.split(":")[0] for column in f.readline().rstrip("\n").split("\t")]
+
+
+def load_columns_from_header(config: Config) -> None:
+    """A dataset without a property file of its own: load what the protocol needs from its files.
+
+    RecBole's default `load_col` is only the user and item ids, so ordering by time (`order: TO`)
+    fails deep inside RecBole. Here the user, item, time and rating fields that the `.inter` file
+    has are loaded, and the item file's text fields (for text semantic IDs)."""
+    folder, name = Path(config["data_path"]), config["dataset"]
+    inter = folder / f"{name}.inter"
+    if not inter.is_file():
+        return  # check_dataset names the missing file
+    wanted = [config[k] for k in ("USER_ID_FIELD", "ITEM_ID_FIELD", "TIME_FIELD", "RATING_FIELD") if config[k]]
+    columns = {"inter": [c for c in wanted if c in _header(inter)]}
+    item = folder / f"{name}.item"
+    if item.is_file():
+        header = _header(item)
+        if config["ITEM_ID_FIELD"] in header:
+            columns["item"] = header
+    config["load_col"] = columns
 
 
 def check_config(config: Config) -> None:
     """Protocol mistakes that RecBole would otherwise report deep inside a library, or not at all."""
     topk = config["topk"] if isinstance(config["topk"], list) else [config["topk"]]
+    order = (config["eval_args"] or {}).get("order")
+    inter_columns = (config["load_col"] or {}).get("inter") if isinstance(config["load_col"], dict) else None
+    on_disk = (Path(config["data_path"]) / f"{config['dataset']}.inter").is_file()  # else check_dataset says so
+    if on_disk and order == "TO" and inter_columns is not None and config["TIME_FIELD"] not in inter_columns:
+        raise ConfigError(
+            f"the protocol orders each user's interactions by time (eval_args order: TO, which RecBole requires "
+            f"for sequential models), but the time field '{config['TIME_FIELD']}' is not loaded from "
+            f"{config['dataset']}.inter; fix: add a '{config['TIME_FIELD']}:float' column to the file (the row "
+            "number will do when the file lists each user's items in order), name your time column with "
+            "--TIME_FIELD=NAME, or load it with --load_col=\"{'inter': [...]}\"")
     valid_metric = str(config["valid_metric"]).lower()
     if "@" in valid_metric and int(valid_metric.split("@")[1]) not in topk:
         raise ConfigError(f"valid_metric {config['valid_metric']} is not among topk={topk}; "
