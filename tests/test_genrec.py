@@ -86,7 +86,7 @@ def test_a_saved_and_reloaded_model_recommends_the_same_items(synth_root, in_tmp
     for p in other.parameters():
         p.data.normal_()
     meta = load_checkpoint(other, in_tmp_dir / "m.safetensors")
-    assert meta == {"note": "round trip"}
+    assert meta["note"] == "round trip" and len(meta["sha256"]) == 64
     with torch.no_grad():
         a, b = model.generate(batch), other.eval().generate(batch)
     assert torch.equal(a.items, b.items) and torch.equal(a.scores, b.scores)

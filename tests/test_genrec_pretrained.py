@@ -202,7 +202,7 @@ def test_a_saved_and_reloaded_lora_model_recommends_the_same_items(synth_root, t
 
     other, _, _ = lora_genrec(synth_root, path, seed=123)  # other LoRA init, other new-row init
     perturb_trained_part(other, 4)
-    assert load_checkpoint(other, in_tmp_dir / "m.safetensors") == {"note": "lora"}
+    assert load_checkpoint(other, in_tmp_dir / "m.safetensors")["note"] == "lora"
     with torch.no_grad():
         a, b = model.generate(batch), other.eval().generate(batch)
     assert torch.equal(a.items, b.items) and torch.equal(a.scores, b.scores)

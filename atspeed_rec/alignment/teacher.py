@@ -14,6 +14,7 @@ for all K beams of a sample and is stored once. The mask is rebuilt from the tri
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from atspeed_rec.alignment.losses import masked_log_softmax
-from atspeed_rec.atomic import atomic_write, atomic_write_json
+from atspeed_rec.atomic import atomic_write, atomic_write_json, file_sha256, verified
 from atspeed_rec.alignment.positions import allowed_along, beam_code_logits
 from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.semantic_ids.trie import CodeTrie
@@ -167,16 +168,26 @@ def gather_teacher(parts: dict[str, torch.Tensor], world_size: int) -> dict[str,
 def save_teacher(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Atomically: the tensors (safetensors) and `meta` (JSON sidecar)."""
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
-    atomic_write_json(f"{path}.json", {"format": FORMAT, **meta})
+    atomic_write_json(f"{path}.json", {"format": FORMAT, **meta, "sha256": file_sha256(path)})
+
+
+def _whole(path: Path) -> bool:
+    """The file has the hash its sidecar recorded (a damaged or missing sidecar: not whole)."""
+    try:
+        return verified(path, json.loads(Path(f"{path}.json").read_text()))
+    except (OSError, ValueError):
+        return False
 
 
 def load_or_generate(path: Path, target, train_dataset, k_train: int, per_user: int, batch_size: int,
                      meta: dict, show_progress: bool, rank: int = 0, world_size: int = 1) -> TeacherData:
     """The cached teacher data at `path`, or generate it (all ranks) and cache it (rank 0)."""
     logger = logging.getLogger()
-    if path.is_file():
+    if path.is_file() and _whole(path):
         logger.info(set_color("stage", "green") + f": reusing the teacher data {path}")
         return TeacherData(load_file(str(path)))
+    if path.is_file():
+        logger.warning(f"the teacher data {path} is truncated or corrupted (hash mismatch): generating it again")
     inter = train_dataset.inter_feat
     rows = select_samples(inter[target.USER_ID], per_user)
     logger.info(set_color("stage", "green") + f": teacher data: the target's top-{k_train} beams for "

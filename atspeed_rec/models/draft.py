@@ -35,16 +35,25 @@ def load_draft(draft, path: Path, target_vocab_size: int) -> None:
     if not path.is_file():
         raise ConfigError(f"draft_checkpoint {path} does not exist; fix: point --draft_checkpoint at a "
                           ".safetensors file written by an AtSpeedS/AtSpeedR run, or leave it unset")
-    with safe_open(str(path), framework="pt") as f:
-        prefix = "draft." if any(k.startswith("draft.") for k in f.keys()) else ""
-        state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            prefix = "draft." if any(k.startswith("draft.") for k in f.keys()) else ""
+            state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    except Exception as err:  # not a safetensors file, or a damaged one
+        raise ConfigError(f"draft_checkpoint {path} is not a readable safetensors file ({type(err).__name__}: "
+                          f"{err}); fix: give a .safetensors file written by an AtSpeedS/AtSpeedR run") from None
+    tied = draft.config.tie_word_embeddings
+    if tied and "model.embed_tokens.weight" not in state and "lm_head.weight" in state:
+        state["model.embed_tokens.weight"] = state["lm_head.weight"]  # safetensors kept the shared tensor once
     rows = state.get("model.embed_tokens.weight", torch.zeros(0, 0)).shape[0]
     if rows != target_vocab_size:
         raise ConfigError(f"the draft in {path} has a vocabulary of {rows} tokens, the target {target_vocab_size}: "
                           "a draft must be built for the same semantic IDs (sid_levels, sid_codebook_size) "
                           "as its target; fix: retrain the draft for this target, or drop --draft_checkpoint")
+    if tied:
+        state.pop("lm_head.weight", None)  # the tie is the module's own
     missing, unexpected = draft.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not draft.config.tie_word_embeddings]
+    missing = [k for k in missing if k != "lm_head.weight" or not tied]
     if missing or unexpected:
         raise ConfigError(f"the draft in {path} does not fit draft_* properties (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}); fix: use the draft_* properties it was trained with")

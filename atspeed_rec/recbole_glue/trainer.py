@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from recbole.utils import set_color
 
 from atspeed_rec.errors import ConfigError
 from atspeed_rec.recbole_glue.base import ProjectModel
-from atspeed_rec.recbole_glue.checkpoint import (checkpoint_path, config_key, load_checkpoint, load_training_state,
+from atspeed_rec.recbole_glue.checkpoint import (checkpoint_path, config_key, load_checkpoint, load_training_state, read_sidecar,
                                                  save_checkpoint, save_training_state, write_sidecar)
 from atspeed_rec.recbole_glue.metrics import SpecCollector
 
@@ -111,8 +110,7 @@ class SafeCheckpointTrainer(Trainer):
         return SafeCheckpointTrainer.fit(self, train_data, valid_data, verbose, saved, show_progress, callback_fn)
 
     def checkpoint_meta(self) -> dict:
-        side = Path(f"{self.saved_model_file}.json")
-        return json.loads(side.read_text()) if side.is_file() and Path(self.saved_model_file).is_file() else {}
+        return read_sidecar(self.saved_model_file) if Path(self.saved_model_file).is_file() else {}
 
     def mark_complete(self, result) -> None:
         """Record in the sidecar that training finished (a later run reuses, not resumes, it)."""

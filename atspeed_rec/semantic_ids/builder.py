@@ -26,7 +26,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
-from atspeed_rec.atomic import atomic_write, atomic_write_json
+from atspeed_rec.atomic import atomic_write, atomic_write_json, file_sha256, verified
 from atspeed_rec.semantic_ids import embeddings as emb
 from atspeed_rec.semantic_ids.quantize import residual_kmeans
 
@@ -62,13 +62,15 @@ class SemanticIDs:
             "source": self.source, "stats": self.stats, "version": CACHE_VERSION,
         }
         atomic_write(path, lambda tmp: save_file({"codes": self.codes.contiguous()}, tmp))
-        atomic_write_json(_sidecar(path), meta)
+        atomic_write_json(_sidecar(path), {**meta, "sha256": file_sha256(path)})
 
     @classmethod
     def load(cls, path) -> "SemanticIDs":
         """Read what `save(path)` wrote."""
         path = Path(path)
         meta = json.loads(_sidecar(path).read_text())
+        if not verified(path, meta):
+            raise ValueError(f"{path}: the file does not have the hash its sidecar recorded")
         codes = load_file(path)["codes"]
         if codes.dim() != 2 or codes.shape[1] != meta["levels"]:
             raise ValueError(f"{path}: codes of shape {tuple(codes.shape)}, expected [n, {meta['levels']}]")
@@ -204,8 +206,12 @@ def build_semantic_ids(config, dataset, train_dataset) -> SemanticIDs:
     plan = plan_semantic_ids(config, dataset, train_dataset)
     logger.info(f"semantic IDs from {plan.source} embeddings ({plan.reason})")
     if plan.path.exists():
-        logger.info(f"loaded semantic IDs from cache {plan.path}")
-        return SemanticIDs.load(plan.path)
+        try:
+            sids = SemanticIDs.load(plan.path)
+            logger.info(f"loaded semantic IDs from cache {plan.path}")
+            return sids
+        except Exception as err:  # truncated, corrupted or hand-edited: derived data, so build it again
+            logger.warning(f"semantic IDs in {plan.path} cannot be used ({err}): building them again")
 
     start = time.perf_counter()
     if plan.source == "text":
