@@ -27,6 +27,7 @@ from recbole.utils import init_logger, init_seed, set_color
 
 from atspeed_rec.atomic import atomic_write
 from atspeed_rec.errors import ConfigError, DatasetNotFoundError
+from atspeed_rec.recbole_glue.checkpoint import data_fingerprint
 from atspeed_rec.recbole_glue.registry import get_model_class, get_trainer_class
 
 PROPERTIES = Path(__file__).resolve().parents[2] / "properties"
@@ -80,6 +81,7 @@ def build_config(model: str, dataset: str, config_files=None, overrides=None) ->
         raise ConfigError(f"invalid configuration: {err}") from None
     if not any("load_col" in _properties_of(f) for f in files) and "load_col" not in (overrides or {}):
         load_columns_from_header(config)
+    config["data_fingerprint"] = data_fingerprint(config)  # part of every trained artefact's key
     check_config(config)
     return config
 
