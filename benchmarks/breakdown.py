@@ -1,18 +1,15 @@
 """Where a speculative request's time goes: target passes, draft, verification, everything else.
 
-For one K (`--ks`, default 10), N and gamma (default: the config's), batch 1, the first
-`--requests` test users are decoded by speculative beam search and by the target-only baseline
-(strict: `beam_search`, relaxed: `beam_sample`). Both are timed without the profiler, interleaved
-on the same requests (median ms per request after `--warmup` requests, as `speculative.py` times
-them), then run once more under torch.profiler, whose labelled stages (`beam_search.STAGES`: every
-target forward; the draft's calls and tree; verification, or the baseline's trie-masked top-K
-selection) give each stage's share of the time. Writes a markdown table (default
-docs/speculative_breakdown.md).
+For one K (`--k`, default 10), N and gamma (default: the config's), batch 1, the sampled test users
+are decoded by speculative beam search and by the target-only baseline (strict: `beam_search`,
+relaxed: `beam_sample`). Both are timed without the profiler, interleaved on the same requests
+(median ms per request after `--warmup` requests), then run once more under torch.profiler, whose
+labelled stages (`beam_search.STAGES`: every target forward; the draft's calls and tree;
+verification, or the baseline's trie-masked top-K selection) give each stage's share of the time.
 
-    python benchmarks/breakdown.py --dataset=amazon-beauty --data_path=../shared/datasets --ks=10
+    python benchmarks/breakdown.py --dataset=amazon-beauty --data_path=DIR --k=10
 
-Weights and options as in `benchmarks/speculative.py` (same checkpoints, `--override`,
-`--allow_untrained`).
+writes docs/speculative_breakdown.md. Weights and the other options as in `benchmarks/speculative.py`.
 """
 
 from __future__ import annotations
@@ -20,28 +17,20 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
-import speculative as bench
+import common
+import decoders
 from atspeed_rec.decoding.beam_search import STAGES
-from atspeed_rec.errors import AtSpeedError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args(argv):
-    """speculative.py's options; `--ks` takes ONE K here (default 10)."""
-    argv = list(argv)
-    args = bench.parse_args(argv)
-    if not any(a.startswith("--ks") for a in argv):
-        args.ks = [10]
-    if len(args.ks) != 1:
-        sys.exit(f"error: --ks: the breakdown takes one K (got {args.ks}); e.g. --ks=10")
-    if "--output" not in " ".join(argv):
-        args.output = ROOT / "docs" / "speculative_breakdown.md"
+def parse_args(argv=None):
+    p = common.parser(__file__, __doc__, output="speculative_breakdown.md")
+    p.add_argument("--k", type=int, default=10, help="beam width K (items returned)")
+    decoders.add_options(p)
+    args = common.parse(p, argv, tuple(decoders.MODEL_OF_MODE.values()))
+    decoders.check_modes(p, args)
     return args
 
 
@@ -49,8 +38,8 @@ def stage_shares(fn, requests) -> dict:
     """{stage: fraction of the profiled wall time}, plus "other"."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        for ids, mask, _ in requests:
-            fn(ids, mask)
+        for r in requests:
+            fn(r.ids, r.mask)
         total_us = 1e6 * (time.perf_counter() - start)
     spent = {e.key: e.cpu_time_total for e in prof.key_averages()}
     shares = {name: spent.get(label, 0.0) / total_us for name, label in STAGES.items()}
@@ -65,11 +54,11 @@ def target_calls(out) -> float:
     return out.forward_calls
 
 
-def rows_for(args, model, mode, k, n, gamma, requests) -> list[dict]:
-    generator = torch.Generator().manual_seed(0)
-    fns = {"speculative": bench.spec_fn(model, mode, k, n, gamma, generator),
-           bench.BASELINE_OF_MODE[mode]: bench.baseline_fn(model, mode, k, generator)}
-    medians = bench.interleaved(fns, requests, args.warmup)  # {search: (median seconds, outputs)}
+def rows_for(s, mode: str, k: int, n: int, gamma: int, requests, warmup: int) -> list[dict]:
+    generator = decoders.generator(s)
+    fns = {"speculative": decoders.spec_fn(s.model, mode, k, n, gamma, generator),
+           decoders.BASELINE_OF_MODE[mode]: decoders.baseline_fn(s.model, mode, k, generator)}
+    medians = common.interleaved(fns, requests, warmup)  # {search: (median seconds, outputs)}
     rows = [{"mode": mode, "search": search, "ms": 1e3 * medians[search][0], **stage_shares(fn, requests),
              "calls": statistics.mean(map(target_calls, medians[search][1]))} for search, fn in fns.items()]
     rows[0]["speedup"] = rows[1]["ms"] / rows[0]["ms"]
@@ -78,46 +67,32 @@ def rows_for(args, model, mode, k, n, gamma, requests) -> list[dict]:
 
 def table(rows) -> list[str]:
     cols = list(STAGES) + ["other"]
-    out = ["| mode | search | ms / request | " + " | ".join(f"{c} %" for c in cols)
-           + " | target calls | ms per target call | speedup |",
-           "|---|---|---|" + "---|" * len(cols) + "---|---|---|"]
-    for r in rows:
-        shares = " | ".join(f"{100 * r[c]:.0f}" for c in cols)
-        per_call = r["ms"] * r["target"] / r["calls"]  # the target share of the median, per pass
-        speed = f"{r['speedup']:.2f}x" if "speedup" in r else ""
-        out.append(f"| {r['mode']} | {r['search']} | {r['ms']:.1f} | {shares} | {r['calls']:.2f} | {per_call:.2f} "
-                   f"| {speed} |")
-    return out
+    return common.table(
+        ["mode", "search", "ms / request", *[f"{c} %" for c in cols], "target calls", "ms per target call", "speedup"],
+        [[r["mode"], r["search"], f"{r['ms']:.1f}", *[f"{100 * r[c]:.0f}" for c in cols], f"{r['calls']:.2f}",
+          f"{r['ms'] * r['target'] / r['calls']:.2f}",  # the target share of the median, per pass
+          f"{r['speedup']:.2f}x" if "speedup" in r else ""] for r in rows])
+
+
+def benchmark(args) -> None:
+    served, test = decoders.load(args)
+    requests = decoders.requests(args, served, test, 1)
+    rows = []
+    for mode in args.modes:
+        s = served[mode]
+        n, gamma = max(args.draft_beams or int(s.config["draft_beams"]), args.k), args.gamma or int(s.config["gamma"])
+        rows += rows_for(s, mode, args.k, n, gamma, requests, args.warmup)
+    lines = decoders.header(args, "Where the time of one request goes", served)
+    lines += [f"K = {args.k}, N = {n}, gamma = {gamma}, batch 1. ms / request: median without the profiler; "
+              "stage shares: torch.profiler over the same requests (target: every target forward; verify: "
+              "verification, or the baseline's trie-masked top-K; other: Python and bookkeeping outside the "
+              "labelled stages); ms per target call: the target share of the median over the target calls.", "",
+              *table(rows)]
+    common.write(lines, args.output)
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    torch.set_num_threads(args.threads)
-    try:
-        models, labels, test, config = bench.load_models(args, args.modes)
-    except AtSpeedError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    k = args.ks[0]
-    n = max(args.draft_beams or config["draft_beams"], k)
-    gamma = args.gamma or config["gamma"]
-    lines = bench.header(args, models, labels, config, "Where the time of one request goes")
-    lines += [f"K = {k}, N = {n}, gamma = {gamma}, batch 1. ms / request: median without the profiler; "
-              f"stage shares: torch.profiler over the same requests (target: every target forward; "
-              f"verify: verification, or the baseline's trie-masked top-K; other: Python and "
-              f"bookkeeping outside the labelled stages); ms per target call: the target share of the median "
-              f"over the target calls.", ""]
-    rows = []
-    with torch.no_grad():
-        for mode in args.modes:
-            requests = bench.make_requests(models[mode].target, test, args.requests, 1, args.device)
-            rows += rows_for(args, models[mode], mode, k, n, gamma, requests)
-    lines += table(rows)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nwrote {args.output}")
-    return 0
+    return common.main(parse_args(argv), benchmark)
 
 
 if __name__ == "__main__":

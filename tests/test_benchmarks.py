@@ -1,74 +1,197 @@
-"""The benchmark scripts run end to end (on the synthetic dataset, tiny settings) and write their tables."""
+"""Every benchmark script runs end to end on the synthetic dataset (tiny settings) and writes its report."""
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
+from atspeed_rec.decoding.beam_search import beam_search as target_beam_search
+from atspeed_rec.recbole_glue.cli import main as run_recbole
 from test_atspeed import SMALL
+from test_genrec_pretrained import save_tiny_lm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import alignment  # noqa: E402
+import beam_search  # noqa: E402
 import breakdown  # noqa: E402
+import common  # noqa: E402
+import decoders  # noqa: E402
+import frontier  # noqa: E402
+import semantic_ids  # noqa: E402
 import speculative  # noqa: E402
 
 
-def common(root, tmp):
+def run_args(root, tmp, *extra):
+    """run_recbole.py's arguments for the synthetic dataset, tiny requests, the report in `tmp`."""
     return ["--dataset=synth", f"--data_path={root}", f"--config_files={root / 'synth.yaml'}",
-            "--override", *[f"{k}={v}" for k, v in SMALL.items()], "--requests=4", "--warmup=1",
-            f"--output={tmp / 'table.md'}", f"--plot={tmp / 'plot.png'}"]
+            *[f"--{k}={v}" for k, v in SMALL.items()], f"--output={tmp / 'table.md'}", *extra]
 
 
-def test_the_speculative_benchmark_writes_its_table_and_plot(synth_root, in_tmp_dir):
-    argv = common(synth_root, in_tmp_dir) + ["--allow_untrained", "--ks=1,3", "--batches=1,2", "--skip_hf"]
+def tables(path: Path) -> list[list[dict]]:
+    """The markdown tables of a report, each a list of {column: cell} rows."""
+    out, rows = [], None
+    for line in path.read_text().splitlines():
+        if not line.startswith("|"):
+            rows = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if rows is None:
+            header, rows = cells, []
+            out.append(rows)
+        elif set("".join(cells)) != {"-"}:
+            rows.append(dict(zip(header, cells)))
+    return out
+
+
+def number(cell: str) -> float:
+    return float(cell.rstrip("x"))
+
+
+def test_speculative_times_every_mode_k_and_batch_and_scores_them_with_recbole(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, f"--plot={in_tmp_dir / 'plot.png'}", "--allow_untrained",
+                    "--ks=1,3", "--batches=1,2", "--requests=4", "--warmup=1")
     assert speculative.main(argv) == 0
-    table = (in_tmp_dir / "table.md").read_text()
-    assert "RANDOM WEIGHTS" in table and "| strict | 3 | 2 |" in table and "| relaxed | 1 | 1 |" in table
+    speed, accuracy = tables(in_tmp_dir / "table.md")
+    assert sorted((r["mode"], r["K"], r["batch"]) for r in speed) == sorted(
+        (m, k, b) for m in ("strict", "relaxed") for k in ("1", "3") for b in ("1", "2"))
+    for r in speed:
+        assert number(r["speedup vs ours"]) > 0 and number(r["speedup vs HF"]) > 0
+        assert 0 <= number(r["accepted steps"]) <= 3
+    for r in speed:  # strict speculative decoding returns exactly the target's beams
+        if r["mode"] == "strict":
+            done, total = r["identical"].split("/")
+            assert done == total
+    by_key = {(r["mode"], r["K"], r["batch"], r["decoding"]): r for r in accuracy}
+    assert len(by_key) == len(accuracy) == 4 * (2 + 3)  # strict: SD, beam_search; relaxed: + beam_sample
+    for k in ("1", "3"):  # synth's topk is 5, 10, 20: a top-1 or top-3 list is scored at K itself
+        row = by_key["strict", k, "1", "speculative"]
+        assert 0 <= float(row[f"recall@{k}"]) <= 1 and 0 <= float(row[f"ndcg@{k}"]) <= 1
+        other = {"1": "3", "3": "1"}[k]
+        assert row[f"recall@{other}"] == "–" and "recall@5" not in row
+        for batch in ("1", "2"):
+            target = by_key["strict", k, batch, "beam_search"]
+            assert by_key["strict", k, batch, "speculative"][f"recall@{k}"] == target[f"recall@{k}"]
     assert (in_tmp_dir / "plot.png").stat().st_size > 0
 
 
-def test_the_frontier_benchmark_covers_every_tree(synth_root, in_tmp_dir):
-    argv = common(synth_root, in_tmp_dir) + ["--allow_untrained", "--frontier", "--frontier_k=3",
-                                             "--frontier_n=3,6", "--frontier_gamma=1,2"]
-    assert speculative.main(argv) == 0
-    table = (in_tmp_dir / "table.md").read_text()
-    assert "(K = 3, batch 1)" in table
-    assert sum(line.startswith("| strict | 3 |") for line in table.splitlines()) == 4
+def test_frontier_times_every_draft_tree(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, f"--plot={in_tmp_dir / 'plot.png'}", "--allow_untrained",
+                    "--k=3", "--n=2,3,6", "--gamma=1,2", "--requests=4", "--warmup=1")
+    assert frontier.main(argv) == 0
+    (rows,) = tables(in_tmp_dir / "table.md")
+    assert sorted((r["mode"], r["N"], r["gamma"]) for r in rows) == sorted(  # N < K is skipped
+        (m, n, g) for m in ("strict", "relaxed") for n in ("3", "6") for g in ("1", "2"))
+    assert all(r["K"] == "3" and number(r["speedup"]) > 0 for r in rows)
+    assert (in_tmp_dir / "plot.png").stat().st_size > 0
 
 
-def test_the_alignment_benchmark_trains_a_draft_per_loss_and_compares_with_none(synth_root, in_tmp_dir):
-    argv = ["--losses", "none,atspeed_r"] + common(synth_root, in_tmp_dir) + ["--ks=3", "--modes=strict", "--skip_hf"]
+def test_alignment_trains_a_draft_per_loss_and_compares_it_with_none(synth_root, in_tmp_dir):
+    argv = ["--losses", "none,atspeed_r"] + run_args(synth_root, in_tmp_dir, f"--plot={in_tmp_dir / 'plot.png'}",
+                                                     "--ks=3", "--modes=strict", "--requests=4", "--warmup=1")
     assert alignment.main(argv) == 0
-    table = (in_tmp_dir / "table.md").read_text()
-    assert "| atspeed_r | strict | 3 |" in table and "vs none" in table
+    speed, accuracy, versus = tables(in_tmp_dir / "table.md")
+    assert [(r["align_loss"], r["mode"], r["K"]) for r in speed] == [("none", "strict", "3"),
+                                                                     ("atspeed_r", "strict", "3")]
+    assert all(number(r["speedup"]) > 0 for r in speed)
+    for loss in ("none", "atspeed_r"):
+        spec, target = ([r for r in accuracy if r["align_loss"] == loss and r["decoding"] == d]
+                        for d in ("speculative", "beam_search"))
+        assert spec[0]["recall@3"] == target[0]["recall@3"]
+    assert [r["align_loss"] for r in versus] == ["atspeed_r"]
+    assert len(list((in_tmp_dir / "saved").glob("AtSpeedS-synth-*.safetensors"))) == 2  # one draft per loss
 
 
-def test_the_breakdown_splits_each_search_into_its_labelled_stages(synth_root, in_tmp_dir):
-    argv = common(synth_root, in_tmp_dir) + ["--allow_untrained", "--ks=3", "--draft_beams=6", "--gamma=2"]
+def test_breakdown_splits_each_search_into_its_labelled_stages(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--k=3", "--draft_beams=6", "--gamma=2",
+                    "--requests=4", "--warmup=1")
     assert breakdown.main(argv) == 0
-    rows = {}
-    for line in (in_tmp_dir / "table.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[0] in ("strict", "relaxed"):
-            rows[cells[0], cells[1]] = [float(c) for c in cells[3:8]]  # target, draft, verify, other %, calls
-    assert set(rows) == {("strict", "speculative"), ("strict", "beam_search"),
-                         ("relaxed", "speculative"), ("relaxed", "beam_sample")}
-    for (mode, search), (target, draft, verify, other, calls) in rows.items():
+    (rows,) = tables(in_tmp_dir / "table.md")
+    by = {(r["mode"], r["search"]): r for r in rows}
+    assert set(by) == {("strict", "speculative"), ("strict", "beam_search"),
+                       ("relaxed", "speculative"), ("relaxed", "beam_sample")}
+    for (mode, search), r in by.items():
+        target, draft, verify, other = (float(r[f"{c} %"]) for c in ("target", "draft", "verify", "other"))
         assert target > 0 and verify > 0 and 99 <= target + draft + verify + other <= 101
         assert (draft > 0) == (search == "speculative")  # only speculative decoding runs a draft
     for mode, baseline in (("strict", "beam_search"), ("relaxed", "beam_sample")):
-        assert rows[mode, baseline][4] == 4  # one target pass per code level (sid_levels: 4)
-        assert 1 <= rows[mode, "speculative"][4] <= 4  # a round advances at least one level
+        assert float(by[mode, baseline]["target calls"]) == 4  # one target pass per code level (sid_levels: 4)
+        assert 1 <= float(by[mode, "speculative"]["target calls"]) <= 4
+        assert number(by[mode, "speculative"]["speedup"]) > 0
 
 
-def test_the_breakdown_refuses_more_than_one_k():
-    with pytest.raises(SystemExit, match="one K"):
-        breakdown.parse_args(["--ks=3,10"])
+def test_beam_search_compares_ours_with_hf_generate(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--k=3", "--requests=4", "--warmup=1",
+                    "--batch=2", "--batches=1")
+    assert beam_search.main(argv) == 0
+    (rows,) = tables(in_tmp_dir / "table.md")
+    assert len(rows) == 2  # latency at batch 1, throughput at --batch
+    for r in rows:
+        assert float(r["ours"]) > 0 and float(r["HF generate"]) > 0 and number(r["ours faster by"]) > 0
 
 
-def test_a_cuda_device_on_a_machine_without_one_is_refused(capsys):
-    if speculative.torch.cuda.is_available():
-        pytest.skip("this machine has a CUDA device")
+def test_semantic_ids_reports_each_source(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, "--sources=collaborative", "--prefixes=50", "--repeats=2")
+    assert semantic_ids.main(argv) == 0
+    (rows,) = tables(in_tmp_dir / "table.md")
+    assert [r["source"] for r in rows] == ["collaborative"]
+    assert rows[0]["items"] == "60" and rows[0]["all unique"] == "yes" and rows[0]["identical when cached"] == "yes"
+    assert len(rows[0]["masked step ms by depth"].split(" / ")) == 4
+
+
+def test_benchmarks_read_run_recbole_arguments():
+    args = speculative.parse_args(["--ks=1,3", "--dataset=synth", "--epochs=7", "--align_loss=none"])
+    assert args.ks == [1, 3] and args.dataset == "synth"
+    assert args.overrides == {"epochs": 7, "align_loss": "none"}  # no data_path: RecBole's own default
     with pytest.raises(SystemExit):
-        speculative.parse_args(["--device=cuda"])
-    assert "no CUDA device" in capsys.readouterr().err
+        speculative.parse_args(["--model=SASRec"])
+    with pytest.raises(SystemExit):
+        speculative.parse_args(["--epochs", "7"])  # overrides are written --key=value
+
+
+def test_a_missing_checkpoint_names_the_command_that_trains_it(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, "--ks=3", "--modes=strict")
+    with pytest.raises(SystemExit, match="python run_recbole.py --model=AtSpeedS --dataset=synth"):
+        speculative.main(argv)
+
+
+def test_the_checkpoints_run_recbole_trained_are_the_ones_decoded_and_scored_as_run_recbole_scores(
+        synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, f"--plot={in_tmp_dir / 'plot.png'}", "--ks=3", "--batches=1",
+                    "--requests=4", "--warmup=1", "--skip_hf")
+    trained = run_args(synth_root, in_tmp_dir)[:-1] + [f"--result_file={in_tmp_dir / 'run.json'}"]
+    assert run_recbole(["--model=AtSpeedS", *trained]) == 0
+    (path,) = (in_tmp_dir / "saved").glob("AtSpeedS-synth-*.safetensors")
+    served, test = decoders.load(speculative.parse_args(argv))
+    assert served["strict"].model is served["relaxed"].model  # no AtSpeedR checkpoint: AtSpeedS's stands in
+    assert path.name in served["strict"].weights and "RANDOM" not in served["relaxed"].weights
+    saved = load_file(str(path))
+    for name, tensor in served["strict"].model.state_dict().items():
+        if name in saved:
+            assert (tensor.cpu() == saved[name]).all(), name
+    # every test user (120 = 15 x 8) at the model's K: RecBole's evaluator gives run_recbole.py's test metrics
+    s, t = served["strict"], served["strict"].model.target
+    everyone = common.sample_requests(test, t.prompt, test.sample_size, 8, 0, "cpu")
+    assert sum(r.users for r in everyone) == test.sample_size
+    beams = [target_beam_search(t.lm, t.trie, t.vocab, r.ids, r.mask, s.model.num_beams) for r in everyone]
+    ours = common.recbole_metrics(s.config, everyone, beams, s.model.num_beams)
+    run = json.loads((in_tmp_dir / "run.json").read_text())["test"]
+    assert ours == {k: v for k, v in run.items() if "@" in k} and len(ours) == 6
+    assert speculative.main(argv) == 0
+    speed, accuracy = tables(in_tmp_dir / "table.md")
+    assert len(speed) == 2 and all(number(r["speedup vs ours"]) > 0 for r in speed)
+    strict = {r["decoding"]: r["recall@3"] for r in accuracy if r["mode"] == "strict"}
+    assert strict["speculative"] == strict["beam_search"]
+
+
+def test_a_pretrained_llm_target_is_benchmarked_too(synth_root, in_tmp_dir):
+    lm = save_tiny_lm(in_tmp_dir / "lm", tie=False)
+    argv = run_args(synth_root, in_tmp_dir, f"--plot={in_tmp_dir / 'plot.png'}", f"--pretrained_path={lm}",
+                    "--dtype=float32", "--allow_untrained", "--ks=3", "--batches=1", "--requests=4", "--warmup=1")
+    assert speculative.main(argv) == 0
+    speed, accuracy = tables(in_tmp_dir / "table.md")
+    assert [(r["mode"], r["K"]) for r in speed] == [("strict", "3"), ("relaxed", "3")]
+    assert all(number(r["speedup vs ours"]) > 0 and number(r["speedup vs HF"]) > 0 for r in speed)
+    strict = {r["decoding"]: r["recall@3"] for r in accuracy if r["mode"] == "strict"}
+    assert strict["speculative"] == strict["beam_search"]

@@ -1,0 +1,303 @@
+"""What the benchmark scripts share: the command line, models and checkpoints, seeded test requests,
+interleaved timing, RecBole's metrics, and markdown tables and plots.
+
+A script is run as `python benchmarks/<name>.py` (its folder is then on sys.path: `import common`).
+It reads its own options first, then run_recbole.py's arguments exactly as run_recbole.py does
+(`atspeed_rec.recbole_glue.cli.parse_args`): `--dataset`, `--data_path`, `--config_files`,
+`--model` and any `--key=value` property override, so the config, the data split and the trained
+checkpoint it names are the ones `python run_recbole.py` with the same arguments made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.evaluator import Collector, Evaluator
+from recbole.utils import init_seed
+
+import atspeed_rec  # noqa: F401  (RecBole compatibility patches, before any Config)
+from atspeed_rec.errors import AtSpeedError
+from atspeed_rec.recbole_glue import cli
+from atspeed_rec.recbole_glue.checkpoint import checkpoint_path, load_checkpoint
+from atspeed_rec.recbole_glue.genrec import beams_to_scores
+from atspeed_rec.recbole_glue.metrics import SPEC_METRICS, timed
+from atspeed_rec.recbole_glue.registry import get_model_class
+from atspeed_rec.recbole_glue.runner import build_config, check_dataset
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parser(script: str, doc: str, requests: int | None = 200, output: str | None = None, plot: str | None = None,
+           untrained: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark has (a script adds its own): `requests` (None: no requests, no
+    --warmup), `output`/`plot` (default file names in docs/; no output: print only), `untrained`
+    (--allow_untrained). No abbreviations: an option the script lacks is a property override."""
+    p = argparse.ArgumentParser(prog=f"benchmarks/{Path(script).name}", description=doc.split("\n\n")[0],
+                                allow_abbrev=False, epilog="Then run_recbole.py's arguments: --dataset, --data_path, "
+                                "--config_files, --model and --key=value property overrides.")
+    if requests is not None:
+        p.add_argument("--requests", type=int, default=requests, help="test users, sampled with the config's seed")
+        p.add_argument("--warmup", type=int, default=5, help="untimed request batches per setting (at most half)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    p.add_argument("--output", type=Path, default=DOCS / output if output else None, help="markdown file")
+    if plot:
+        p.add_argument("--plot", type=Path, default=DOCS / plot, help="PNG file")
+    if untrained:
+        p.add_argument("--allow_untrained", action="store_true",
+                       help="random weights when no trained checkpoint exists (timing smoke tests only)")
+    return p
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.replace(",", " ").split()]
+
+
+def parse(p: argparse.ArgumentParser, argv, models: tuple[str, ...]) -> argparse.Namespace:
+    """`p`'s options, then run_recbole.py's arguments; `--model`, when given, must be one of `models`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = p.parse_known_args(argv)
+    run, overrides = cli.parse_args(rest)
+    if any(a.split("=")[0] in ("--model", "-m") for a in rest) and run.model not in models:
+        p.error(f"--model={run.model}: this benchmark runs {' and '.join(models)}")
+    if run.result_file or run.nproc != 1:
+        p.error("--result_file and --nproc are run_recbole.py's: a benchmark writes --output, in one process")
+    args.dataset, args.overrides = run.dataset, overrides
+    args.config_files = run.config_files.replace(",", " ").split() if run.config_files else None
+    args.command = " ".join(["python", p.prog, *map(shlex.quote, argv)])
+    return args
+
+
+def main(args, benchmark) -> int:
+    """Run `benchmark(args)` on `args.threads` threads; a configuration error is one line and exit code 2."""
+    torch.set_num_threads(args.threads)
+    try:
+        benchmark(args)
+    except AtSpeedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---------------------------------------------------------------- config, data, models
+
+
+def build(args, model: str, **overrides):
+    """`model`'s RecBole Config, as run_recbole.py builds it from the same arguments."""
+    return build_config(model, args.dataset, args.config_files, {**args.overrides, "show_progress": False,
+                                                                 **overrides})
+
+
+def load_data(config):
+    """(dataset, train, valid and test loaders), split as run_recbole.py splits them."""
+    check_dataset(config)
+    dataset = create_dataset(config)
+    return (dataset, *data_preparation(config, dataset))
+
+
+def run_command(args, model: str) -> str:
+    """The run_recbole.py command that trains `model` for these arguments."""
+    parts = [f"--model={model}", f"--dataset={args.dataset}"]
+    if args.config_files:
+        parts.append(f"--config_files={','.join(args.config_files)}")
+    parts += [f"--{k}={v}" for k, v in args.overrides.items()]
+    return " ".join(["python run_recbole.py", *map(shlex.quote, parts)])
+
+
+def find_checkpoint(args, names: tuple[str, ...]):
+    """(name, config, path) of the first of `names` with a trained checkpoint for these arguments;
+    (names[0], its config, None) when none has one and --allow_untrained is given, else exit saying
+    how to train it."""
+    configs = {}
+    for name in names:
+        configs[name] = config = build(args, name)
+        path = checkpoint_path(config, name, get_model_class(name).checkpoint_keys)
+        if path.is_file():
+            return name, config, path
+    if not args.allow_untrained:
+        sys.exit(f"error: no trained {' or '.join(names)} checkpoint for this dataset and configuration in "
+                 f"{Path(configs[names[0]]['checkpoint_dir']).resolve()}; train one with\n\n    "
+                 f"{run_command(args, names[0])}\n\n(--allow_untrained times random weights instead)")
+    return names[0], configs[names[0]], None
+
+
+def instantiate(name: str, config, train, path):
+    """The model `name` (seeded initialisation), with the weights at `path` when given, on the config's device."""
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model_class(name)(config, train._dataset).eval()
+    if path is not None:
+        load_checkpoint(model, path)
+    return model.to(config["device"])
+
+
+def weights_label(path) -> str:
+    return f"trained ({path})" if path is not None else "RANDOM WEIGHTS (--allow_untrained, no checkpoint)"
+
+
+def n_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------- requests and timing
+
+
+@dataclass
+class Request:
+    """A batch of test users as RecBole's full-sort test loader collates it, and their prompts."""
+
+    ids: torch.Tensor  # [B, P] left-padded prompt tokens, on the model's device
+    mask: torch.Tensor  # [B, P]
+    batch: tuple  # (interaction, history_index, positive_u, positive_i): the loader's collate_fn output
+    n_items: int
+
+    @property
+    def users(self) -> int:
+        return len(self.ids)
+
+
+def sample_requests(test, prompt, n: int, batch: int, seed: int, device) -> list[Request]:
+    """`max(1, n // batch)` batches of `batch` test users drawn without replacement (seeded), each
+    collated by the test loader itself and prompted by `prompt(interaction)`."""
+    order = torch.randperm(test.sample_size, generator=torch.Generator().manual_seed(seed))
+    out = []
+    for rows in order[:max(1, n // batch) * batch].split(batch):
+        if len(rows) < batch and out:
+            break
+        data = test.collate_fn(rows.numpy())
+        ids, mask = prompt(data[0].to(device))
+        out.append(Request(ids, mask, data, test._dataset.item_num))
+    return out
+
+
+def interleaved(fns: dict, requests: list[Request], warmup: int) -> dict:
+    """Every fn on every request batch, the order rotated per batch: {name: (median seconds after
+    the first `warmup` batches (at most half), [outputs])}. On a GPU each timing waits for its kernels."""
+    names, times, outs = list(fns), {n: [] for n in fns}, {n: [] for n in fns}
+    warmup = min(warmup, len(requests) // 2)
+    for i, r in enumerate(requests):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            out, seconds = timed(lambda: fns[name](r.ids, r.mask), r.ids.device)  # noqa: B023 (called at once)
+            outs[name].append(out)
+            if i >= warmup:
+                times[name].append(seconds)
+    return {n: (statistics.median(times[n]), outs[n]) for n in names}
+
+
+# ---------------------------------------------------------------- RecBole's metrics
+
+
+def cutoffs(config, k: int) -> list[int]:
+    """The config's topk cut-offs that a top-k list fills; [k] when none does."""
+    topk = config["topk"] if isinstance(config["topk"], list) else [config["topk"]]
+    return [c for c in topk if c <= k] or [k]
+
+
+def recbole_metrics(config, requests: list[Request], results, k: int) -> dict[str, float]:
+    """The config's metrics (its speculative statistics aside) of top-`k` BeamResults by RecBole's
+    Collector and Evaluator, at `cutoffs(config, k)`, fed as RecBole's trainer feeds them: the beams
+    as full-sort scores (`beams_to_scores`), PAD and any history item masked."""
+    cfg = copy.copy(config)
+    cfg.final_config_dict = {**config.final_config_dict, "topk": cutoffs(config, k),
+                             "metrics": [m for m in config["metrics"] if m.lower() not in SPEC_METRICS]}
+    collector = Collector(cfg)
+    for request, beams in zip(requests, results):
+        interaction, history, positive_u, positive_i = request.batch
+        scores = beams_to_scores(beams, request.n_items).float().cpu()  # [B, n_items]
+        scores[:, 0] = -np.inf
+        if history is not None:
+            scores[history] = -np.inf
+        collector.eval_batch_collect(scores, interaction, positive_u, positive_i)
+    return {name: float(value) for name, value in Evaluator(cfg).evaluate(collector.get_data_struct()).items()}
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def header(args, title: str, config, facts=()) -> list[str]:
+    """Title, command line, machine, device, dataset and requests, then `facts` as bullets."""
+    return [f"# {title}", "", f"    {args.command}", "",
+            f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+            f"- machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch threads "
+            f"{torch.get_num_threads()}, torch {torch.__version__}, load average "
+            f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end",
+            f"- device: {device_name(config['device'])}",
+            f"- dataset: {args.dataset} ({config['data_path']})" + (
+                f", {args.requests} test users sampled with seed {config['seed']}, the first {args.warmup} request "
+                "batches of a setting untimed (at most half)" if hasattr(args, "requests") else ""),
+            *[f"- {fact}" for fact in facts], ""]
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
+def fmt(x, spec: str = "{:.2f}") -> str:
+    return "–" if x is None else spec.format(x)
+
+
+def table(columns: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *["| " + " | ".join(map(str, row)) + " |" for row in rows]]
+
+
+def metric_table(lead: list[str], rows: list[tuple[list, dict]]) -> list[str]:
+    """rows: (lead cells, {metric@k: value}); one column per metric of any row, by cut-off ('–': not computed)."""
+    names = list(dict.fromkeys(m for _, values in rows for m in values))
+    names.sort(key=lambda m: int(m.split("@")[1]) if "@" in m else 0)
+    return table(lead + names, [cells + [fmt(values.get(m), "{:.4f}") for m in names] for cells, values in rows])
+
+
+def series(rows, key_of, x: str, y: str) -> dict:
+    """{label: ([x], [y])} of `rows` (dicts), skipping rows whose y is None."""
+    out = {}
+    for r in rows:
+        if r[y] is not None:
+            xs, ys = out.setdefault(key_of(r), ([], []))
+            xs.append(r[x]), ys.append(r[y])
+    return out
+
+
+def plot_lines(path: Path, panels, xlabel: str, title: str) -> None:
+    """panels: [(ylabel, {label: ([x], [y])})], one subplot each (empty panels left out)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(ylabel, lines) for ylabel, lines in panels if lines]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (ylabel, lines) in zip(axes[0], panels):
+        for label, (xs, ys) in lines.items():
+            ax.plot(xs, ys, marker="o", label=label, linestyle="--" if "relaxed" in label else "-")
+        if "speedup" in ylabel:
+            ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xticks(sorted({x for xs, _ in lines.values() for x in xs}))
+        ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(lines: list[str], output: Path | None, *others: Path) -> None:
+    """Print the report; write it to `output` when given (`others`: files already written beside it)."""
+    print("\n".join(lines))
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text("\n".join(lines) + "\n")
+        print(f"\nwrote {', '.join(map(str, (output, *others)))}")

@@ -1,0 +1,156 @@
+"""The AtSpeed models the speculative benchmarks load, the decoders they compare, and one measured
+setting (speculative.py, frontier.py, alignment.py and breakdown.py).
+
+strict mode decodes with AtSpeedS's trained draft and relaxed with AtSpeedR's (either checkpoint
+serves both modes when the other is missing). The target-only baseline is our own KV-cached,
+trie-constrained search: `beam_search` for strict, `beam_sample` (the target-only beam sampling that
+relaxed verification approximates) for relaxed; Hugging Face `generate` beam search is the second
+baseline, in both modes. K is passed to the decoders directly; the models' own beam widths are
+never changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import common
+from atspeed_rec.decoding.beam_search import beam_search
+from atspeed_rec.decoding.hf_generate import hf_beam_search
+from atspeed_rec.decoding.sampling import beam_sample
+from atspeed_rec.decoding.speculative import MODES, speculative_beam_search
+
+MODEL_OF_MODE = {"strict": "AtSpeedS", "relaxed": "AtSpeedR"}
+BASELINE_OF_MODE = {"strict": "beam_search", "relaxed": "beam_sample"}
+
+
+@dataclass
+class Served:
+    """What one verification mode decodes with."""
+
+    model: torch.nn.Module  # an AtSpeedS / AtSpeedR model: `.target` (GenRec) and `.draft`
+    config: object  # the RecBole Config of the checkpoint's model
+    weights: str  # where the weights come from, for the report
+
+
+def add_options(p, tree: bool = True) -> None:
+    """--modes; with `tree`, the draft tree of the decoding: --draft_beams (N) and --gamma."""
+    p.add_argument("--modes", type=lambda s: s.replace(",", " ").split(), default=list(MODES),
+                   help="verification modes, e.g. strict,relaxed")
+    if not tree:
+        return
+    p.add_argument("--draft_beams", type=int, default=None,
+                   help="N of the decoding (default: the config's; raised to K); not a property override: "
+                   "the checkpoint stays the one the config names")
+    p.add_argument("--gamma", type=int, default=None,
+                   help="draft levels per round of the decoding (default: the config's); not a property override")
+
+
+def check_modes(p, args) -> None:
+    bad = [m for m in args.modes if m not in MODES]
+    if bad:
+        p.error(f"--modes: unknown {bad}, choose from {MODES}")
+
+
+def load(args):
+    """({mode: Served}, test loader) for `args.modes`, each mode's own trained checkpoint first."""
+    served, by_path, test = {}, {}, None
+    for mode in args.modes:
+        own = MODEL_OF_MODE[mode]
+        other = next(name for name in MODEL_OF_MODE.values() if name != own)
+        name, config, path = common.find_checkpoint(args, (own, other))
+        if test is None:
+            _, train, _, test = common.load_data(config)
+        if path not in by_path:
+            by_path[path] = common.instantiate(name, config, train, path)
+        weights = common.weights_label(path) + ("" if path is None or name == own else
+                                                f"; no {own} checkpoint: {name}'s draft stands in")
+        served[mode] = Served(by_path[path], config, weights)
+    return served, test
+
+
+def header(args, title: str, served: dict) -> list[str]:
+    """common.header with the models' sizes and weights (the title says when they are random)."""
+    suffix = " (RANDOM WEIGHTS: smoke test only)" if untrained(served) else ""
+    return common.header(args, title + suffix, next(iter(served.values())).config, facts(served))
+
+
+def weights(served: dict) -> str:
+    return "random weights" if untrained(served) else "trained weights"
+
+
+def facts(served: dict) -> list[str]:
+    """Model sizes and every mode's weights, for the report header."""
+    s = next(iter(served.values()))
+    target, draft, config = s.model.target.lm, s.model.draft, s.config
+    tp, dp = common.n_params(target), common.n_params(draft)
+    kind = f"pretrained {config['pretrained_path']} + LoRA" if config["pretrained_path"] else \
+        f"{config['n_layers']} x {config['hidden_size']}"
+    return [f"target: {tp / 1e6:.3f} M parameters ({kind}, {next(target.parameters()).dtype}); draft: "
+            f"{dp / 1e6:.3f} M ({config['draft_n_layers']} x {config['draft_hidden_size']}); target / draft = "
+            f"{tp / dp:.1f}x", *[f"weights, {mode}: {s.weights}" for mode, s in served.items()]]
+
+
+def untrained(served: dict) -> bool:
+    return any("RANDOM" in s.weights for s in served.values())
+
+
+def requests(args, served: dict, test, batch: int) -> list[common.Request]:
+    """The sampled test users, `batch` at a time, prompted by the target (the same for every mode)."""
+    s = next(iter(served.values()))
+    return common.sample_requests(test, s.model.target.prompt, args.requests, batch, s.config["seed"],
+                                  s.config["device"])
+
+
+def spec_fn(model, mode: str, k: int, n: int, gamma: int, generator):
+    t = model.target
+    return lambda ids, mask: speculative_beam_search(t.lm, model.draft, t.trie, t.vocab, ids, mask, k, n, gamma,
+                                                     mode, generator, model.temperature)
+
+
+def baseline_fn(model, mode: str, k: int, generator):
+    t = model.target
+    if mode == "strict":
+        return lambda ids, mask: beam_search(t.lm, t.trie, t.vocab, ids, mask, k)
+    return lambda ids, mask: beam_sample(t.lm, t.trie, t.vocab, ids, mask, k, generator, model.temperature)
+
+
+def generator(s: Served) -> torch.Generator:
+    return torch.Generator(s.config["device"]).manual_seed(s.config["seed"])
+
+
+def acceptance(stats) -> tuple[float, float, float]:
+    """Per request: accepted steps and target calls; accepted / drafted levels."""
+    acc = sum(float(s.accepted_steps.sum()) for s in stats)
+    calls = sum(float(s.target_calls.sum()) for s in stats)
+    drafted = sum(float(s.drafted_levels.sum()) for s in stats)
+    users = sum(len(s.target_calls) for s in stats)
+    return acc / users, calls / users, acc / max(drafted, 1.0)
+
+
+def measure(s: Served, mode: str, requests, k: int, n: int, gamma: int, warmup: int, hf: bool) -> dict:
+    """One setting: speculative vs our target-only baseline (and HF generate), interleaved; acceptance;
+    RecBole's metrics of every decoding ("metrics": {decoding: {metric@c: value}}) and how many request
+    batches the speculative top-K items equal `beam_search`'s exactly."""
+    model, gen = s.model, generator(s)
+    t = model.target
+    fns = {"spec": spec_fn(model, mode, k, n, gamma, gen), "ours": baseline_fn(model, mode, k, gen)}
+    if hf:
+        fns["hf"] = lambda ids, mask: hf_beam_search(t.lm, t.trie, t.vocab, ids, mask, k)
+    res = common.interleaved(fns, requests, warmup)
+    spec_t, spec_out = res["spec"]
+    beams = [b for b, _ in spec_out]
+    target = res["ours"][1] if mode == "strict" else [beam_search(t.lm, t.trie, t.vocab, r.ids, r.mask, k)
+                                                      for r in requests]
+    decoded = {"speculative": beams, "beam_search": target}
+    if mode == "relaxed":
+        decoded["beam_sample"] = res["ours"][1]
+    row = {"mode": mode, "k": k, "batch": requests[0].users, "n": n, "gamma": gamma,
+           "users": sum(r.users for r in requests), "spec_ms": 1000 * spec_t, "ours_ms": 1000 * res["ours"][0],
+           "speedup": res["ours"][0] / spec_t, "hf_ms": 1000 * res["hf"][0] if hf else None,
+           "speedup_hf": res["hf"][0] / spec_t if hf else None,
+           "identical": sum(bool(torch.equal(b.items, r.items)) for b, r in zip(beams, target)),
+           "metrics": {name: common.recbole_metrics(s.config, requests, out, k) for name, out in decoded.items()}}
+    row["accepted"], row["calls"], row["rate"] = acceptance([st for _, st in spec_out])
+    return row

@@ -1,0 +1,77 @@
+"""The draft tree's frontier: speculative speedup and acceptance over draft widths N x depths gamma.
+
+One K (`--k`, default 10), batch 1: on each sampled test user the target-only baseline (strict:
+`beam_search`, relaxed: `beam_sample`) and speculative beam search with every (N, gamma) of the grid
+(`--n`, `--gamma`; N < K is skipped) run interleaved; speedup = median baseline time / median
+speculative time per request.
+
+    python benchmarks/frontier.py --dataset=amazon-beauty --data_path=DIR
+
+writes docs/speculative_frontier.md and docs/speculative_frontier.png. Weights and the other
+options as in `benchmarks/speculative.py`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import common
+import decoders
+
+
+def parse_args(argv=None):
+    p = common.parser(__file__, __doc__, output="speculative_frontier.md", plot="speculative_frontier.png")
+    p.add_argument("--k", type=int, default=10, help="beam width K (items returned)")
+    p.add_argument("--n", type=common.int_list, default=[10, 12, 15, 20, 30, 40], help="draft widths N")
+    p.add_argument("--gamma", type=common.int_list, default=[1, 2, 3], help="draft levels per round")
+    decoders.add_options(p, tree=False)
+    args = common.parse(p, argv, tuple(decoders.MODEL_OF_MODE.values()))
+    decoders.check_modes(p, args)
+    return args
+
+
+def run_frontier(s, mode: str, requests, k: int, grid, warmup: int) -> list[dict]:
+    """The baseline and every (N, gamma) tree on each request, interleaved: one row per tree."""
+    generator = decoders.generator(s)
+    fns = {"ours": decoders.baseline_fn(s.model, mode, k, generator)}
+    fns.update({(n, g): decoders.spec_fn(s.model, mode, k, n, g, generator) for n, g in grid})
+    res = common.interleaved(fns, requests, warmup)
+    rows = []
+    for n, g in grid:
+        spec_t, out = res[(n, g)]
+        accepted, calls, rate = decoders.acceptance([stats for _, stats in out])
+        rows.append({"mode": mode, "k": k, "n": n, "gamma": g, "spec_ms": 1000 * spec_t,
+                     "ours_ms": 1000 * res["ours"][0], "speedup": res["ours"][0] / spec_t,
+                     "accepted": accepted, "calls": calls, "rate": rate})
+    return rows
+
+
+def benchmark(args) -> None:
+    served, test = decoders.load(args)
+    grid = [(n, g) for n in args.n for g in args.gamma if n >= args.k]
+    requests = decoders.requests(args, served, test, 1)
+    rows = []
+    for mode in args.modes:
+        rows += run_frontier(served[mode], mode, requests, args.k, grid, args.warmup)
+        print(f"{mode}: best {max(r['speedup'] for r in rows if r['mode'] == mode):.2f}x", flush=True)
+    lines = decoders.header(args, f"Speculative beam search: draft tree frontier (K = {args.k}, batch 1)", served)
+    lines += ["Speedup = median time per request, baseline (strict: `beam_search`, relaxed: `beam_sample`) / "
+              "speculative, batch 1, every tree and the baseline interleaved on the same requests.", "",
+              *common.table(["mode", "K", "N", "gamma", "nodes per round (<=)", "SD ms", "ours ms", "speedup",
+                             "accepted steps", "target calls", "acceptance"],
+                            [[r["mode"], r["k"], r["n"], r["gamma"], r["n"] * r["gamma"], f"{r['spec_ms']:.1f}",
+                              f"{r['ours_ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['accepted']:.2f}",
+                              f"{r['calls']:.2f}", f"{r['rate']:.2f}"] for r in rows])]
+    label = lambda r: f"{r['mode']}, gamma {r['gamma']}"  # noqa: E731
+    common.plot_lines(args.plot, [("speedup vs ours", common.series(rows, label, "n", "speedup")),
+                                  ("accepted steps per request", common.series(rows, label, "n", "accepted"))],
+                      "N (draft beams per level)", f"{args.dataset}, K = {args.k}, batch 1, {decoders.weights(served)}")
+    common.write(lines, args.output, args.plot)
+
+
+def main(argv=None) -> int:
+    return common.main(parse_args(argv), benchmark)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
