@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import alignment  # noqa: E402
 import beam_search  # noqa: E402
 import breakdown  # noqa: E402
+import ceiling  # noqa: E402
 import common  # noqa: E402
 import decoders  # noqa: E402
 import frontier  # noqa: E402
@@ -195,3 +196,18 @@ def test_a_pretrained_llm_target_is_benchmarked_too(synth_root, in_tmp_dir):
     assert all(number(r["speedup vs ours"]) > 0 and number(r["speedup vs HF"]) > 0 for r in speed)
     strict = {r["decoding"]: r["recall@3"] for r in accuracy if r["mode"] == "strict"}
     assert strict["speculative"] == strict["beam_search"]
+
+
+def test_ceiling_times_every_pass_and_the_free_draft_ceiling(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--k=3", "--tree=4,8", "--draft_beams=6",
+                    "--requests=4", "--warmup=1")
+    assert ceiling.main(argv) == 0
+    (rows,) = tables(in_tmp_dir / "table.md")
+    by = {r["pass"]: r for r in rows}
+    assert set(by) == {"target-only search", "target prefill", "target step (K beams)", "target prompt + 4",
+                       "target prompt + 8", "draft prefill", "draft prompt + level (N = 6)"}
+    assert all(float(r["ms"]) > 0 for r in rows)
+    search = float(by["target-only search"]["ms"])
+    for t in (4, 8):
+        assert number(by[f"target prompt + {t}"]["ceiling"]) == pytest.approx(
+            search / float(by[f"target prompt + {t}"]["ms"]), rel=0.1)  # ms rounded to 0.01
