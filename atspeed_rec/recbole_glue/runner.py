@@ -29,6 +29,7 @@ from atspeed_rec.atomic import atomic_write
 from atspeed_rec.errors import ConfigError, DatasetNotFoundError
 from atspeed_rec.recbole_glue.checkpoint import data_fingerprint
 from atspeed_rec.recbole_glue.registry import get_model_class, get_trainer_class
+from atspeed_rec.recbole_glue.validation import check_result_file, validate, validate_dataset
 
 PROPERTIES = Path(__file__).resolve().parents[2] / "properties"
 
@@ -118,6 +119,7 @@ def load_columns_from_header(config: Config) -> None:
 
 def check_config(config: Config) -> None:
     """Protocol mistakes that RecBole would otherwise report deep inside a library, or not at all."""
+    validate(config)  # value ranges, choices, the .inter file, misspelt keys (validation.py)
     topk = config["topk"] if isinstance(config["topk"], list) else [config["topk"]]
     order = (config["eval_args"] or {}).get("order")
     inter_columns = (config["load_col"] or {}).get("inter") if isinstance(config["load_col"], dict) else None
@@ -181,6 +183,7 @@ def run_single(model: str, dataset: str, config_files=None, overrides=None, save
 
     logger.info(set_color("stage", "green") + ": loading and splitting the dataset")
     data = create_dataset(config)
+    validate_dataset(config, data)  # enough items for the beams and cut-offs, non-empty splits
     logger.info(data)
     train_data, valid_data, test_data = data_preparation(config, data)
 
@@ -246,6 +249,7 @@ def run(model: str, dataset: str, config_files=None, overrides=None, nproc: int 
     """Run once (or on `nproc` processes) and optionally write the result as JSON."""
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    check_result_file(result_file)  # before training: results are never lost to a bad path
     start = time.time()
     if nproc == 1:
         result = run_single(model, dataset, config_files, overrides)

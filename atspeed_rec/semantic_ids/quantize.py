@@ -13,6 +13,12 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans, kmeans_plusplus
 
+from atspeed_rec.errors import ConfigError
+
+
+class CodebookTooSmallError(ConfigError, ValueError):
+    """More items share a prefix than the last level's codebook can tell apart."""
+
 
 def _kmeans(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(labels [n], centroids [k', d]) with k' = min(k, number of distinct rows of x).
@@ -65,10 +71,10 @@ def _disambiguate(codes: np.ndarray, residual: np.ndarray, centroids: np.ndarray
         members = np.flatnonzero(group == g)
         if len(members) > codebook_size:
             prefix = tuple(codes[members[0], :-1].tolist())
-            raise ValueError(
+            raise CodebookTooSmallError(
                 f"{len(members)} items share the prefix {prefix}, more than the codebook size "
-                f"{codebook_size} can tell apart: raise sid_codebook_size or sid_levels"
-            )
+                f"{codebook_size} can tell apart: raise sid_codebook_size or sid_levels; fix: "
+                "--sid_codebook_size=256 (the default) or more --sid_levels")
         cost = _assignment_cost(residual[members], centroids, codebook_size)  # [m, C]
         rows, cols = linear_sum_assignment(cost)
         codes[members[rows], -1] = cols
