@@ -20,6 +20,7 @@ from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.decoding.hf_generate import hf_beam_search
 from atspeed_rec.decoding.sampling import beam_sample
 from atspeed_rec.decoding.speculative import MODES, speculative_beam_search
+from atspeed_rec.models.fast_forward import lm_dtype
 
 MODEL_OF_MODE = {"strict": "AtSpeedS", "relaxed": "AtSpeedR"}
 BASELINE_OF_MODE = {"strict": "beam_search", "relaxed": "beam_sample"}
@@ -87,7 +88,7 @@ def facts(served: dict) -> list[str]:
     tp, dp = common.n_params(target), common.n_params(draft)
     kind = f"pretrained {config['pretrained_path']} + LoRA" if config["pretrained_path"] else \
         f"{config['n_layers']} x {config['hidden_size']}"
-    return [f"target: {tp / 1e6:.3f} M parameters ({kind}, {next(target.parameters()).dtype}); draft: "
+    return [f"target: {tp / 1e6:.3f} M parameters ({kind}, {lm_dtype(target)}); draft: "
             f"{dp / 1e6:.3f} M ({config['draft_n_layers']} x {config['draft_hidden_size']}); target / draft = "
             f"{tp / dp:.1f}x", *[f"weights, {mode}: {s.weights}" for mode, s in served.items()]]
 
