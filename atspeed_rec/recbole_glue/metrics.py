@@ -57,11 +57,13 @@ class SpecMeter:
 
     def summary(self) -> dict[str, float]:
         n = max(self.requests, 1)
-        ratios = torch.tensor(self.single_target_ms) / torch.tensor(self.single_spec_ms)
+        single = {}  # batch 1 (test only): absent, so reported as nan, when no request was timed alone
+        if self.single_spec_ms:
+            target, spec = torch.tensor(self.single_target_ms), torch.tensor(self.single_spec_ms)
+            single = {"speedup": float((target / spec).median()),  # the median per-request ratio
+                      "latency_b1_ms": float(spec.median()), "target_latency_b1_ms": float(target.median())}
         return {
-            "speedup": float(ratios.median()) if len(ratios) else 0.0,  # batch 1: median per-request ratio
-            "latency_b1_ms": float(torch.tensor(self.single_spec_ms).median()) if self.single_spec_ms else 0.0,
-            "target_latency_b1_ms": float(torch.tensor(self.single_target_ms).median()) if self.single_target_ms else 0.0,
+            **single,
             "speedup_batch": self.target_seconds / self.timed_spec_seconds if self.timed_spec_seconds else 0.0,
             "accepted_steps": self.accepted_steps / n,
             "target_calls": self.target_calls / n,
