@@ -1,5 +1,6 @@
 """The lean inference forward computes what transformers' forward computes, cache and masks included."""
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache
@@ -76,3 +77,22 @@ def test_a_lora_wrapped_model_runs_through_its_adapters():
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits, _ = lm_forward(lora, VOCAB, ids, positions, causal_prompt_mask(mask, torch.float32))
     torch.testing.assert_close(logits[mask.bool()], codes_only(ref.logits)[mask.bool()], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_other_llama_family_models_run_through_the_lean_forward_unchanged(family):
+    """Qwen2 (biased q/k/v projections) and Qwen3 (per-head q/k norms): what `pretrained_path` may name."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[family]
+    torch.manual_seed(7)
+    model = model_class(config_class(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     max_position_embeddings=256, pad_token_id=0)).eval()
+    for p in model.parameters():
+        p.data.mul_(4.0)  # sharper than the default init, as random_lm does
+    ids, mask = left_padded(seed=8)
+    ref = hf_prefill(model, ids, mask)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits, _ = lm_forward(model, VOCAB, ids, positions, causal_prompt_mask(mask, torch.float32))
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], codes_only(ref.logits)[real], atol=1e-4, rtol=1e-4)

@@ -1,4 +1,4 @@
-"""A lean inference forward for Llama-architecture LMs: plain tensors in, plain tensors out.
+"""A lean inference forward for Llama-family LMs (Llama, Mistral, Qwen2/3, SmolLM): plain tensors in and out.
 
 Decoding here calls tiny models many times on a few tokens each. transformers' forward spends
 most of such a call outside the matmuls (cache objects, mask pre-processing, output classes), so
@@ -83,8 +83,11 @@ def lm_forward(model, vocab: CodeVocab, tokens: torch.Tensor, positions: torch.T
     for i, layer in enumerate(decoder.layers):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(B, Q, -1, attn.head_dim).transpose(1, 2)  # [B, heads, Q, hd]
-        k = attn.k_proj(x).view(B, Q, -1, attn.head_dim).transpose(1, 2)  # [B, kv_heads, Q, hd]
+        q = attn.q_proj(x).view(B, Q, -1, attn.head_dim)  # [B, Q, heads, hd]
+        k = attn.k_proj(x).view(B, Q, -1, attn.head_dim)  # [B, Q, kv_heads, hd]
+        if hasattr(attn, "q_norm"):  # Qwen3 and kin: RMSNorm of each head's query and key before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, Q, hd], [B, kv_heads, Q, hd]
         v = attn.v_proj(x).view(B, Q, -1, attn.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if kv is not None:
