@@ -4,7 +4,6 @@ status 2, never a traceback; or it works (with a warning where something is igno
 No test here trains: every error comes from the config, the data files or the loaded dataset.
 """
 
-import inspect
 import logging
 import os
 import sys
@@ -12,35 +11,12 @@ import sys
 import pytest
 
 from atspeed_rec.errors import ConfigError
-from atspeed_rec.recbole_glue import runner, validation
+from atspeed_rec.recbole_glue import data_checks, validation
 from atspeed_rec.recbole_glue.cli import main
 from atspeed_rec.recbole_glue.runner import build_config
 from synthetic import make_dataset
 
 HEADER = "user_id:token\titem_id:token\ttimestamp:float\n"
-
-
-@pytest.fixture
-def wired(monkeypatch):
-    """`validate_dataset` right after RecBole's create_dataset in run_single, and `check_result_file`
-    at the start of run(), as the runner is to call them (patched in here until it does)."""
-    if "validate_dataset" not in inspect.getsource(runner.run_single):
-        create = runner.create_dataset
-
-        def create_and_check(config):
-            dataset = create(config)
-            validation.validate_dataset(config, dataset)
-            return dataset
-
-        monkeypatch.setattr(runner, "create_dataset", create_and_check)
-    if "check_result_file" not in inspect.getsource(runner.run):
-        run = runner.run
-
-        def checked_run(model, dataset, config_files=None, overrides=None, nproc=1, result_file=None):
-            validation.check_result_file(result_file)
-            return run(model, dataset, config_files, overrides, nproc=nproc, result_file=result_file)
-
-        monkeypatch.setattr(runner, "run", checked_run)
 
 
 def cli(root, *args, dataset="synth", config_file=True):
@@ -98,7 +74,7 @@ def _read_only_folder(tmp):
                                           reason="permission bits do not bind root")),
 ])
 def test_a_result_file_that_cannot_be_written_is_refused_before_training(make_path, words, synth_root, in_tmp_dir,
-                                                                          capsys, wired):
+                                                                          capsys):
     path = make_path(in_tmp_dir)
     refused(cli(synth_root, "--model=SASRec", f"--result_file={path}"), capsys, "--result_file", *words)
     assert not (in_tmp_dir / "saved").exists()  # nothing was trained
@@ -119,7 +95,7 @@ def few_items(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model", ["SASRec", "GenRec"])
-def test_fewer_items_than_the_largest_cut_off_is_refused(model, few_items, in_tmp_dir, capsys, wired):
+def test_fewer_items_than_the_largest_cut_off_is_refused(model, few_items, in_tmp_dir, capsys):
     code = cli(few_items, f"--model={model}", "--sid_codebook_size=8", dataset="few")
     refused(code, capsys, "few has 12 items", "largest topk cut-off 20", "--topk=\"[5, 10]\"")
 
@@ -128,7 +104,7 @@ def test_more_beams_than_items_works_with_a_warning(few_items, in_tmp_dir, caplo
     from recbole.data import create_dataset
     config = build_config("GenRec", "few", [str(few_items / "few.yaml")],
                           {"data_path": str(few_items), "topk": [5, 10], "valid_metric": "NDCG@10"})
-    validation.validate_dataset(config, create_dataset(config))  # num_beams=20 > 12 items: every item listed
+    data_checks.validate_dataset(config, create_dataset(config))  # num_beams=20 > 12 items: every item listed
     assert any("num_beams=20 is more than the 12 items" in w for w in warnings_of(caplog))
 
 
@@ -143,7 +119,7 @@ def short_users(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model", ["SASRec", "GenRec"])
-def test_users_too_short_for_a_test_row_are_refused_before_training(model, short_users, in_tmp_dir, capsys, wired):
+def test_users_too_short_for_a_test_row_are_refused_before_training(model, short_users, in_tmp_dir, capsys):
     code = cli(short_users, f"--model={model}", "--sid_codebook_size=8", dataset="short", config_file=False)
     refused(code, capsys, "test split of short would be empty", "3 interactions", "--user_inter_num_interval")
 
@@ -154,7 +130,7 @@ def test_a_few_short_users_among_others_are_named_in_a_warning(tmp_path, caplog)
     inter = root / "mixed" / "mixed.inter"
     inter.write_text(inter.read_text() + "s1\ti1\t5000\ns2\ti2\t5000\ns2\ti3\t5001\n")
     config = build_config("SASRec", "mixed", [str(root / "mixed.yaml")], {"data_path": str(root)})
-    validation.validate_dataset(config, create_dataset(config))  # works: they are only trained on
+    data_checks.validate_dataset(config, create_dataset(config))  # works: they are only trained on
     warning = " ".join(warnings_of(caplog))
     assert "2 user(s) of mixed have fewer than 3 interactions (s1, s2)" in warning
     assert "--user_inter_num_interval=\"[3,inf)\"" in warning
@@ -165,7 +141,7 @@ def test_an_empty_validation_split_works_with_a_warning(tmp_path, caplog):
     rows = "".join(f"u{u}\ti{(u + k) % 30}\t{1000 + k}\n" for u in range(40) for k in range(3))
     root = write_inter(tmp_path, "three", HEADER + rows)  # 3 interactions: a test row, no validation row
     config = build_config("SASRec", "three", None, {"data_path": str(root)})
-    validation.validate_dataset(config, create_dataset(config))
+    data_checks.validate_dataset(config, create_dataset(config))
     warning = " ".join(warnings_of(caplog))
     assert "the validation split of three is empty" in warning and "last epoch is kept" in warning
 
@@ -183,7 +159,7 @@ def test_an_empty_validation_split_works_with_a_warning(tmp_path, caplog):
                                          "--sid_codebook_size=256"]),
     ("AtSpeedR", "--sid_source=foo", ["sid_source='foo' is unknown", "text, collaborative, auto"]),
 ])
-def test_semantic_id_options_that_cannot_work_are_refused(model, arg, words, synth_root, in_tmp_dir, capsys, wired):
+def test_semantic_id_options_that_cannot_work_are_refused(model, arg, words, synth_root, in_tmp_dir, capsys):
     refused(cli(synth_root, f"--model={model}", arg), capsys, *words)
     assert not (in_tmp_dir / "saved").exists()
 
@@ -192,7 +168,7 @@ def test_one_level_semantic_ids_pass_for_genrec(synth_root):
     from recbole.data import create_dataset
     config = build_config("GenRec", "synth", [str(synth_root / "synth.yaml")],
                           {"data_path": str(synth_root), "sid_levels": 1, "sid_codebook_size": 64})
-    validation.validate_dataset(config, create_dataset(config))  # 64 one-code IDs for 60 items
+    data_checks.validate_dataset(config, create_dataset(config))  # 64 one-code IDs for 60 items
 
 
 # ---- 5. numeric ranges --------------------------------------------------------------------------

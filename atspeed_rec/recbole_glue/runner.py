@@ -29,7 +29,8 @@ from atspeed_rec.atomic import atomic_write
 from atspeed_rec.errors import ConfigError, DatasetNotFoundError
 from atspeed_rec.recbole_glue.checkpoint import data_fingerprint
 from atspeed_rec.recbole_glue.registry import get_model_class, get_trainer_class
-from atspeed_rec.recbole_glue.validation import check_result_file, validate, validate_dataset
+from atspeed_rec.recbole_glue.data_checks import validate_dataset, validate_files
+from atspeed_rec.recbole_glue.validation import check_result_file, validate
 
 PROPERTIES = Path(__file__).resolve().parents[2] / "properties"
 
@@ -119,7 +120,8 @@ def load_columns_from_header(config: Config) -> None:
 
 def check_config(config: Config) -> None:
     """Protocol mistakes that RecBole would otherwise report deep inside a library, or not at all."""
-    validate(config)  # value ranges, choices, the .inter file, misspelt keys (validation.py)
+    validate(config)  # value ranges, choices, misspelt keys (validation.py)
+    validate_files(config)  # the .inter file (data_checks.py)
     topk = config["topk"] if isinstance(config["topk"], list) else [config["topk"]]
     order = (config["eval_args"] or {}).get("order")
     inter_columns = (config["load_col"] or {}).get("inter") if isinstance(config["load_col"], dict) else None
