@@ -43,3 +43,16 @@ def test_edited_interactions_train_a_new_target_instead_of_reusing_the_old_one(t
     inter.write_text("\n".join(lines[:-1]) + "\n")  # the last interaction removed: same items
     assert run(root, "GenRec", in_tmp_dir / "b.json") == 0
     assert len(saved_files(in_tmp_dir, "GenRec")) == 2  # a second target, keyed by the new data
+
+
+def test_a_rerun_never_overwrites_a_finished_target_it_reuses_it(synth_root, in_tmp_dir, monkeypatch):
+    from atspeed_rec.recbole_glue import trainer as trainer_module
+    assert run(synth_root, "GenRec", in_tmp_dir / "a.json") == 0
+    target = saved_files(in_tmp_dir, "GenRec")[0]
+    before = target.stat().st_mtime_ns, target.read_bytes()
+    monkeypatch.setattr(trainer_module.SafeCheckpointTrainer, "_train_epoch",
+                        lambda *a, **k: pytest.fail("a finished target was trained again"))
+    assert run(synth_root, "GenRec", in_tmp_dir / "b.json") == 0  # the same command: reused, then tested
+    assert (target.stat().st_mtime_ns, target.read_bytes()) == before
+    a, b = (json.loads((in_tmp_dir / f).read_text())["test"] for f in ("a.json", "b.json"))
+    assert a == b
