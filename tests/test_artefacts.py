@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 
 from test_atspeed import run
 
