@@ -39,6 +39,9 @@ def add_options(p, tree: bool = True) -> None:
     """--modes; with `tree`, the draft tree of the decoding: --draft_beams (N) and --gamma."""
     p.add_argument("--modes", type=lambda s: s.replace(",", " ").split(), default=list(MODES),
                    help="verification modes, e.g. strict,relaxed")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="relaxed mode's sample_temperature for decoding (default: the config's); not a property "
+                   "override: the checkpoint stays the one the config names")
     if not tree:
         return
     p.add_argument("--draft_beams", type=int, default=None,
@@ -68,6 +71,11 @@ def load(args):
         weights = common.weights_label(path) + ("" if path is None or name == own else
                                                 f"; no {own} checkpoint: {name}'s draft stands in")
         served[mode] = Served(by_path[path], config, weights)
+    if args.temperature is not None:
+        if not args.temperature > 0:
+            raise SystemExit(f"error: --temperature={args.temperature}; fix: a value > 0")
+        for s in served.values():
+            s.model.temperature = args.temperature  # a decoding setting; the weights are the config's
     return served, test
 
 
@@ -90,7 +98,8 @@ def facts(served: dict) -> list[str]:
         f"{config['n_layers']} x {config['hidden_size']}"
     return [f"target: {tp / 1e6:.3f} M parameters ({kind}, {lm_dtype(target)}); draft: "
             f"{dp / 1e6:.3f} M ({config['draft_n_layers']} x {config['draft_hidden_size']}); target / draft = "
-            f"{tp / dp:.1f}x", *[f"weights, {mode}: {s.weights}" for mode, s in served.items()]]
+            f"{tp / dp:.1f}x", *[f"weights, {mode}: {s.weights}" for mode, s in served.items()],
+            f"relaxed sample_temperature: {s.model.temperature:g}"]
 
 
 def untrained(served: dict) -> bool:
@@ -137,19 +146,21 @@ def measure(s: Served, mode: str, requests, k: int, n: int, gamma: int, warmup: 
     model, gen = s.model, generator(s)
     t = model.target
     fns = {"spec": spec_fn(model, mode, k, n, gamma, gen), "ours": baseline_fn(model, mode, k, gen)}
+    if mode == "relaxed":  # the target's beam search too: the accuracy reference, and a second baseline
+        fns["beam_search"] = lambda ids, mask: beam_search(t.lm, t.trie, t.vocab, ids, mask, k)
     if hf:
         fns["hf"] = lambda ids, mask: hf_beam_search(t.lm, t.trie, t.vocab, ids, mask, k)
     res = common.interleaved(fns, requests, warmup)
     spec_t, spec_out = res["spec"]
     beams = [b for b, _ in spec_out]
-    target = res["ours"][1] if mode == "strict" else [beam_search(t.lm, t.trie, t.vocab, r.ids, r.mask, k)
-                                                      for r in requests]
+    search_t, target = res["ours" if mode == "strict" else "beam_search"]
     decoded = {"speculative": beams, "beam_search": target}
     if mode == "relaxed":
         decoded["beam_sample"] = res["ours"][1]
     row = {"mode": mode, "k": k, "batch": requests[0].users, "n": n, "gamma": gamma,
            "users": sum(r.users for r in requests), "spec_ms": 1000 * spec_t, "ours_ms": 1000 * res["ours"][0],
-           "speedup": res["ours"][0] / spec_t, "hf_ms": 1000 * res["hf"][0] if hf else None,
+           "speedup": res["ours"][0] / spec_t, "search_ms": 1000 * search_t, "speedup_search": search_t / spec_t,
+           "hf_ms": 1000 * res["hf"][0] if hf else None,
            "speedup_hf": res["hf"][0] / spec_t if hf else None,
            "identical": sum(bool(torch.equal(b.items, r.items)) for b, r in zip(beams, target)),
            "metrics": {name: common.recbole_metrics(s.config, requests, out, k) for name, out in decoded.items()}}

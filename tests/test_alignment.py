@@ -68,6 +68,17 @@ def test_alignment_samples_are_each_users_latest_rows():
     assert select_samples(users, 0).tolist() == list(range(6))
 
 
+def test_alignment_samples_of_a_user_sample_are_those_users_latest_rows_the_same_each_run():
+    users = torch.arange(50).repeat_interleave(3)  # 50 users, 3 rows each, in time order
+    rows = select_samples(users, 1, max_users=10, seed=7)
+    assert len(rows) == 10 and len(set(users[rows].tolist())) == 10
+    assert all(int(r) % 3 == 2 for r in rows)  # each drawn user's latest row
+    assert torch.equal(rows, select_samples(users, 1, max_users=10, seed=7))
+    assert not torch.equal(rows, select_samples(users, 1, max_users=10, seed=8))
+    assert len(select_samples(users, 0, max_users=10, seed=7)) == 30  # every row of the drawn users
+    assert torch.equal(select_samples(users, 1, max_users=50, seed=7), select_samples(users, 1))
+
+
 class FakeTarget:
     """The parts of GenRec that the alignment losses use, over a random LM and catalog."""
     USER_ID, ITEM_SEQ_LEN, POS_ITEM_ID = "user_id", "item_length", "item_id"

@@ -189,6 +189,7 @@ def test_one_level_semantic_ids_pass_for_genrec(synth_root):
     ("AtSpeedR", "--gamma=0", ["gamma=0", "at least one level", "--gamma=1"]),
     ("AtSpeedS", "--K_train=0", ["K_train=0", "--K_train=20"]),
     ("AtSpeedS", "--teacher_per_user=-1", ["teacher_per_user=-1", "--teacher_per_user=0"]),
+    ("AtSpeedS", "--teacher_users=-1", ["teacher_users=-1", "--teacher_users=0"]),
     ("GenRec", "--lora_r=0", ["lora_r=0", "--lora_r=8"]),
     ("SASRec", "--MAX_ITEM_LIST_LENGTH=0", ["MAX_ITEM_LIST_LENGTH=0", "--MAX_ITEM_LIST_LENGTH=1 or more"]),
     ("SASRec", "--stopping_step=0", ["stopping_step=0", "--stopping_step=1 or more"]),

@@ -59,7 +59,10 @@ def test_speculative_times_every_mode_k_and_batch_and_scores_them_with_recbole(s
         (m, k, b) for m in ("strict", "relaxed") for k in ("1", "3") for b in ("1", "2"))
     for r in speed:
         assert number(r["speedup vs ours"]) > 0 and number(r["speedup vs HF"]) > 0
+        assert number(r["speedup vs beam search"]) > 0
         assert 0 <= number(r["accepted steps"]) <= 3
+        if r["mode"] == "strict":  # the baseline is the beam search itself
+            assert r["beam search ms"] == r["ours ms"]
     for r in speed:  # strict speculative decoding returns exactly the target's beams
         if r["mode"] == "strict":
             done, total = r["identical"].split("/")
@@ -75,6 +78,15 @@ def test_speculative_times_every_mode_k_and_batch_and_scores_them_with_recbole(s
             target = by_key["strict", k, batch, "beam_search"]
             assert by_key["strict", k, batch, "speculative"][f"recall@{k}"] == target[f"recall@{k}"]
     assert (in_tmp_dir / "plot.png").stat().st_size > 0
+
+
+def test_a_relaxed_temperature_is_a_decoding_setting_of_the_benchmark(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, f"--plot={in_tmp_dir / 'plot.png'}", "--allow_untrained", "--ks=3",
+                    "--batches=1", "--requests=2", "--warmup=1", "--skip_hf", "--modes=relaxed", "--temperature=0.25")
+    assert speculative.main(argv) == 0
+    assert "relaxed sample_temperature: 0.25" in (in_tmp_dir / "table.md").read_text()
+    with pytest.raises(SystemExit, match="--temperature=0"):
+        speculative.main([*argv[:-1], "--temperature=0"])
 
 
 def test_frontier_times_every_draft_tree(synth_root, in_tmp_dir):

@@ -99,20 +99,26 @@ def stored_positions(n: int, K: int, L: int, device=None) -> torch.Tensor:
     return keep.expand(n, K, L)
 
 
-def select_samples(users: torch.Tensor, per_user: int) -> torch.Tensor:
+def select_samples(users: torch.Tensor, per_user: int, max_users: int = 0, seed: int = 0) -> torch.Tensor:
     """Row indices of the training samples with teacher data: each user's last `per_user` rows
     (RecBole keeps a user's prefixes in time order: the latest histories, closest to what is
-    served), or every row when per_user <= 0."""
+    served), or every row when per_user <= 0; of `max_users` users drawn at random (seeded) when
+    max_users > 0 (an LLM target's beam search is the cost: 22k users take ~35 minutes on 2 cores)."""
     n = len(users)
+    keep = torch.ones(n, dtype=torch.bool)
+    distinct = torch.unique(users)
+    if 0 < max_users < len(distinct):
+        drawn = distinct[torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed))[:max_users]]
+        keep = torch.isin(users, drawn)
     if per_user <= 0:
-        return torch.arange(n)
+        return torch.nonzero(keep).squeeze(1)
     order = torch.argsort(users.long() * n + torch.arange(n), descending=True)  # user, then latest row first
     sorted_users = users[order]
     first = torch.ones_like(sorted_users, dtype=torch.bool)
     first[1:] = sorted_users[1:] != sorted_users[:-1]
     group_start = torch.cummax(torch.where(first, torch.arange(n), 0), 0).values
     rank = torch.arange(n) - group_start  # 0 = the user's latest row
-    return torch.sort(order[rank < per_user]).values
+    return torch.sort(order[(rank < per_user) & keep[order]]).values
 
 
 @torch.no_grad()
@@ -180,7 +186,8 @@ def _whole(path: Path) -> bool:
 
 
 def load_or_generate(path: Path, target, train_dataset, k_train: int, per_user: int, batch_size: int,
-                     meta: dict, show_progress: bool, rank: int = 0, world_size: int = 1) -> TeacherData:
+                     meta: dict, show_progress: bool, rank: int = 0, world_size: int = 1, max_users: int = 0,
+                     seed: int = 0) -> TeacherData:
     """The cached teacher data at `path`, or generate it (all ranks) and cache it (rank 0)."""
     logger = logging.getLogger()
     if path.is_file() and _whole(path):
@@ -189,7 +196,7 @@ def load_or_generate(path: Path, target, train_dataset, k_train: int, per_user: 
     if path.is_file():
         logger.warning(f"the teacher data {path} is truncated or corrupted (hash mismatch): generating it again")
     inter = train_dataset.inter_feat
-    rows = select_samples(inter[target.USER_ID], per_user)
+    rows = select_samples(inter[target.USER_ID], per_user, max_users, seed)
     logger.info(set_color("stage", "green") + f": teacher data: the target's top-{k_train} beams for "
                 f"{len(rows)} training samples (saved to {path})")
     parts = generate_teacher(target, inter[rows], k_train, batch_size, show_progress, rank, world_size)

@@ -27,7 +27,7 @@ DRAFT_KEYS = ("draft_n_layers", "draft_hidden_size", "draft_n_heads", "draft_inn
               "draft_epochs", "draft_eval_step", "draft_checkpoint",
               "draft_valid_beams", "draft_valid_requests", "draft_beams", "gamma",
               "sample_temperature")  # the last five decide the validation that picks the best epoch
-TEACHER_KEYS = ("K_train", "teacher_per_user")  # which samples, how many beams
+TEACHER_KEYS = ("K_train", "teacher_per_user", "teacher_users")  # which samples, how many beams
 ALIGN_KEYS = ("align_loss", "alpha", "tau", "beta", "distillspec_divergence", *TEACHER_KEYS)
 
 

@@ -130,6 +130,8 @@ RULES = (
                                                                               "another value of 1 or more"),
     _int("teacher_per_user", 0, "alignment samples per user cannot be negative (0 = every training row)",
          "set --teacher_per_user=0 (every training row) or a positive count"),
+    _int("teacher_users", 0, "the number of users with alignment samples cannot be negative (0 = every user)",
+         "set --teacher_users=0 (every user) or a positive count"),
     _int("lora_r", 1, "the LoRA rank must be at least 1", "set --lora_r=8 (the default) or another value of 1 or more"),
     _int("speedup_requests", 0, "the number of requests timed alone cannot be negative (0 = none)"),
     _int("speedup_batches", 0, "the number of batches timed target-only cannot be negative (0 = none)"),
