@@ -114,6 +114,8 @@ class AtSpeedS(ProjectModel):
         speculatively, alternating which goes first, on a generator of their own (the evaluation's
         samples are unchanged); the first request warms both up and is not counted."""
         meter, device = self.spec_meter, input_ids.device
+        if len(meter.single_spec_ms) >= self.single_requests:
+            return
         generator = torch.Generator(device).manual_seed(self.seed + 1)
         for row in range(len(input_ids)):
             done = len(meter.single_spec_ms)
