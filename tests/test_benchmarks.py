@@ -20,6 +20,7 @@ import ceiling  # noqa: E402
 import common  # noqa: E402
 import decoders  # noqa: E402
 import frontier  # noqa: E402
+import precision  # noqa: E402
 import semantic_ids  # noqa: E402
 import speculative  # noqa: E402
 
@@ -142,6 +143,17 @@ def test_beam_search_compares_ours_with_hf_generate(synth_root, in_tmp_dir):
     assert len(rows) == 2  # latency at batch 1, throughput at --batch
     for r in rows:
         assert float(r["ours"]) > 0 and float(r["HF generate"]) > 0 and number(r["ours faster by"]) > 0
+
+
+def test_precision_counts_the_requests_whose_top_k_survives_each_change_of_computation(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--ks=1,3", "--requests=4", "--batch=2")
+    assert precision.main(argv) == 0
+    (rows,) = tables(in_tmp_dir / "table.md")
+    assert [r["K"] for r in rows] == ["1", "3"]
+    for r in rows:  # the synthetic target is float32: strict speculative decoding is exact
+        assert r["strict SD vs target (batch 1)"] == "4/4" and r["strict SD vs float32 target"] == "4/4"
+        assert r["target float32 vs float32"] == "4/4"
+        assert r["target batch 1 vs batch 2"].endswith("/4")
 
 
 def test_semantic_ids_reports_each_source(synth_root, in_tmp_dir):
