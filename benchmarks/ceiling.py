@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--tree", type=common.int_list, default=[10, 20, 40, 60], help="tree tokens T of the pass")
     p.add_argument("--draft_beams", type=int, default=None, help="N of one draft level (default: the config's)")
     args = common.parse(p, argv, ("AtSpeedS",))
-    args.modes, args.temperature = ["strict"], None
+    args.modes = ["strict"]
     return args
 
 

@@ -71,11 +71,12 @@ def load(args):
         weights = common.weights_label(path) + ("" if path is None or name == own else
                                                 f"; no {own} checkpoint: {name}'s draft stands in")
         served[mode] = Served(by_path[path], config, weights)
-    if args.temperature is not None:
-        if not args.temperature > 0:
-            raise SystemExit(f"error: --temperature={args.temperature}; fix: a value > 0")
+    temperature = getattr(args, "temperature", None)  # only scripts with add_options have --temperature
+    if temperature is not None:
+        if not temperature > 0:
+            raise SystemExit(f"error: --temperature={temperature}; fix: a value > 0")
         for s in served.values():
-            s.model.temperature = args.temperature  # a decoding setting; the weights are the config's
+            s.model.temperature = temperature  # a decoding setting; the weights are the config's
     return served, test
 
 

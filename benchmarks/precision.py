@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--ks", type=common.int_list, default=[1, 10, 20], help="beam widths K, e.g. 1,10,20")
     p.add_argument("--batch", type=int, default=16, help="batch size of the batched decoding")
     args = common.parse(p, argv, ("AtSpeedS",))
-    args.modes, args.temperature = ["strict"], None
+    args.modes = ["strict"]
     return args
 
 
@@ -52,12 +52,12 @@ def benchmark(args) -> None:
     lm32 = torch.nn.Module.float(copy.deepcopy(t.lm))  # transformers refuses .float() on GGUF-loaded models
     rows = []
     for k in args.ks:
-        n = max(int(s.config["draft_beams"]), k)
+        spec_k = decoders.spec_fn(s.model, "strict", k, max(int(s.config["draft_beams"]), k), int(s.config["gamma"]),
+                                  None)
         b1 = [beam_search(t.lm, t.trie, t.vocab, r.ids, r.mask, k).items[0] for r in single]
         bb = [row for r in batched for row in beam_search(t.lm, t.trie, t.vocab, r.ids, r.mask, k).items]
         f32 = [beam_search(lm32, t.trie, t.vocab, r.ids, r.mask, k).items[0] for r in single]
-        spec = [decoders.spec_fn(s.model, "strict", k, n, int(s.config["gamma"]), None)(r.ids, r.mask)[0].items[0]
-                for r in single]
+        spec = [spec_k(r.ids, r.mask)[0].items[0] for r in single]
         rows.append([k, f"{sum(same_items(b1, bb))}/{users}", f"{sum(same_items(b1, f32))}/{users}",
                      f"{sum(same_items(spec, b1))}/{users}", f"{sum(same_items(spec, f32))}/{users}"])
         print(f"K={k}: {rows[-1]}", flush=True)

@@ -103,7 +103,7 @@ def select_samples(users: torch.Tensor, per_user: int, max_users: int = 0, seed:
     """Row indices of the training samples with teacher data: each user's last `per_user` rows
     (RecBole keeps a user's prefixes in time order: the latest histories, closest to what is
     served), or every row when per_user <= 0; of `max_users` users drawn at random (seeded) when
-    max_users > 0 (an LLM target's beam search is the cost: 22k users take ~35 minutes on 2 cores)."""
+    max_users > 0 (an LLM target's beam search is the cost: 22k users take ~55 minutes on 2 cores)."""
     n = len(users)
     keep = torch.ones(n, dtype=torch.bool)
     distinct = torch.unique(users)
@@ -185,21 +185,19 @@ def _whole(path: Path) -> bool:
         return False
 
 
-def load_or_generate(path: Path, target, train_dataset, k_train: int, per_user: int, batch_size: int,
-                     meta: dict, show_progress: bool, rank: int = 0, world_size: int = 1, max_users: int = 0,
-                     seed: int = 0) -> TeacherData:
-    """The cached teacher data at `path`, or generate it (all ranks) and cache it (rank 0)."""
+def load_or_generate(path: Path, target, samples, k_train: int, batch_size: int, meta: dict, show_progress: bool,
+                     rank: int = 0, world_size: int = 1) -> TeacherData:
+    """The cached teacher data at `path`, or generate it for the training rows `samples` (an Interaction;
+    all ranks) and cache it (rank 0)."""
     logger = logging.getLogger()
     if path.is_file() and _whole(path):
         logger.info(set_color("stage", "green") + f": reusing the teacher data {path}")
         return TeacherData(load_file(str(path)))
     if path.is_file():
         logger.warning(f"the teacher data {path} is truncated or corrupted (hash mismatch): generating it again")
-    inter = train_dataset.inter_feat
-    rows = select_samples(inter[target.USER_ID], per_user, max_users, seed)
     logger.info(set_color("stage", "green") + f": teacher data: the target's top-{k_train} beams for "
-                f"{len(rows)} training samples (saved to {path})")
-    parts = generate_teacher(target, inter[rows], k_train, batch_size, show_progress, rank, world_size)
+                f"{len(samples)} training samples (saved to {path})")
+    parts = generate_teacher(target, samples, k_train, batch_size, show_progress, rank, world_size)
     tensors = finish(gather_teacher(parts, world_size))
     if rank == 0:
         save_teacher(path, tensors, meta)

@@ -74,9 +74,9 @@ class AtSpeedTrainer(SafeCheckpointTrainer):
         if not align.aligned:
             return None
         inter = train_dataset.inter_feat
-        per_user, max_users = int(self.config["teacher_per_user"]), int(self.config["teacher_users"])
+        rows = select_samples(inter[target.USER_ID], int(self.config["teacher_per_user"]),
+                              int(self.config["teacher_users"]), self.config["seed"])
         if not align.needs_teacher:  # positions along the true item or the draft's beams: no cache
-            rows = select_samples(inter[target.USER_ID], per_user, max_users, self.config["seed"])
             return SampleIndex(inter[target.USER_ID][rows], inter[target.POS_ITEM_ID][rows],
                                inter[target.ITEM_SEQ_LEN][rows])
         target_key = config_key(self.target_config(), GenRec.checkpoint_keys)
@@ -85,10 +85,10 @@ class AtSpeedTrainer(SafeCheckpointTrainer):
         path = Path(self.config["checkpoint_dir"]) / f"teacher-{self.config['dataset']}-{key}.safetensors"
         distributed = not self.config["single_spec"]
         return load_or_generate(
-            path, target, train_dataset, align.k_train, per_user, int(self.config["teacher_batch_size"]),
+            path, target, inter[rows], align.k_train, int(self.config["teacher_batch_size"]),
             meta={"target_checkpoint_key": target_key, **{k: self.config[k] for k in TEACHER_KEYS}},
             show_progress=show_progress, rank=self.config["local_rank"] if distributed else 0,
-            world_size=self.config["world_size"] if distributed else 1, max_users=max_users, seed=self.config["seed"])
+            world_size=self.config["world_size"] if distributed else 1)
 
 
 def some_requests(loader, n: int, seed: int):
