@@ -46,6 +46,18 @@ def test_atspeed_s_reports_speed_metrics_and_reuses_its_target(synth_root, in_tm
     assert SPEC_METRICS <= set(relaxed) and 0 <= relaxed["ndcg@10"] <= 1
 
 
+def test_a_new_serving_tree_or_temperature_reuses_the_trained_draft(synth_root, in_tmp_dir):
+    assert run(synth_root, "AtSpeedR", in_tmp_dir / "a.json", draft_beams=20, gamma=1) == 0
+    (draft,) = (in_tmp_dir / "saved").glob("AtSpeedR-synth-*.safetensors")
+    stamp = draft.stat().st_mtime_ns
+    assert run(synth_root, "AtSpeedR", in_tmp_dir / "b.json", draft_beams=30, gamma=2, sample_temperature=0.25) == 0
+    assert list((in_tmp_dir / "saved").glob("AtSpeedR-synth-*.safetensors")) == [draft]
+    assert draft.stat().st_mtime_ns == stamp  # served with the new tree, not retrained
+    # the validation tree picks the kept epoch: it names a draft of its own
+    assert run(synth_root, "AtSpeedR", in_tmp_dir / "c.json", draft_valid_width=25) == 0
+    assert len(list((in_tmp_dir / "saved").glob("AtSpeedR-synth-*.safetensors"))) == 2
+
+
 def test_strict_decoding_equals_target_beam_search_for_every_test_user(synth_root, in_tmp_dir):
     assert run(synth_root, "AtSpeedS", in_tmp_dir / "s.json") == 0
     config = build_config("AtSpeedS", "synth", [str(synth_root / "synth.yaml")],

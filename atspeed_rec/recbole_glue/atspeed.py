@@ -25,8 +25,10 @@ from atspeed_rec.recbole_glue.metrics import SpecMeter, timed
 DRAFT_KEYS = ("draft_n_layers", "draft_hidden_size", "draft_n_heads", "draft_inner_size",
               "draft_dropout_prob", "draft_tie_embeddings", "draft_learning_rate", "draft_weight_decay",
               "draft_epochs", "draft_eval_step", "draft_checkpoint",
-              "draft_valid_beams", "draft_valid_requests", "draft_beams", "gamma",
-              "sample_temperature")  # the last five decide the validation that picks the best epoch
+              "draft_valid_beams", "draft_valid_requests", "draft_valid_width",
+              "draft_valid_gamma")  # the last four: the validation that picks the best epoch
+# Not in the key: the serving tree (draft_beams, gamma) and relaxed sampling's temperature. The draft is
+# validated on a tree of its own (strict, draft_valid_*), so serving settings are tuned without retraining.
 TEACHER_KEYS = ("K_train", "teacher_per_user", "teacher_users")  # which samples, how many beams
 ALIGN_KEYS = ("align_loss", "alpha", "tau", "beta", "distillspec_divergence", *TEACHER_KEYS)
 
@@ -46,6 +48,7 @@ class AtSpeedS(ProjectModel):
         self.num_beams = self.target.num_beams  # K of the test split
         # K of the draft's validation: at K = N nothing is accepted whatever the draft, at K = 10 drafts separate
         self.valid_beams = min(int(config["draft_valid_beams"]), self.num_beams)
+        self.valid_tree = (max(int(config["draft_valid_width"]), self.valid_beams), int(config["draft_valid_gamma"]))
         self.eval_beams = self.num_beams  # K of the evaluation running now (`start_evaluation`)
         self.draft_beams, self.gamma = int(config["draft_beams"]), int(config["gamma"])
         if self.draft_beams < self.num_beams:
@@ -77,8 +80,9 @@ class AtSpeedS(ProjectModel):
         return draft_loss(self.align, self.target, self.draft, interaction, self.samples)
 
     def start_evaluation(self, phase: str) -> None:
-        """Validation decodes at `valid_beams`, the test at `num_beams`; the sampling generator is
-        reseeded, so each evaluation draws the same samples whatever ran before."""
+        """Validation decodes strictly at `valid_beams` on its own tree (`valid_tree`), the test at
+        `num_beams` on the serving tree; the sampling generator is reseeded, so each evaluation
+        draws the same samples whatever ran before."""
         self.phase = phase
         self.eval_beams = self.valid_beams if phase == "valid" else self.num_beams
         self.generator = None  # reseeded at the next batch
@@ -91,10 +95,13 @@ class AtSpeedS(ProjectModel):
     def speculative(self, input_ids, mask):
         if self.generator is None or self.generator.device != input_ids.device:
             self.generator = torch.Generator(input_ids.device).manual_seed(self.seed)
+        if self.phase == "valid":  # the draft's agreement with the target, whatever the serving settings
+            (n, gamma), mode = self.valid_tree, "strict"
+        else:
+            n, gamma, mode = self.draft_beams, self.gamma, self.verification
         return speculative_beam_search(
             self.target.lm, self.draft, self.target.trie, self.target.vocab, input_ids, mask,
-            self.eval_beams, self.draft_beams, self.gamma, mode=self.verification, generator=self.generator,
-            temperature=self.temperature)
+            self.eval_beams, n, gamma, mode=mode, generator=self.generator, temperature=self.temperature)
 
     def full_sort_predict(self, interaction):
         input_ids, mask = self.target.prompt(interaction)

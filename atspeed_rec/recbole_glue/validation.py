@@ -136,6 +136,8 @@ RULES = (
     _int("speedup_requests", 0, "the number of requests timed alone cannot be negative (0 = none)"),
     _int("speedup_batches", 0, "the number of batches timed target-only cannot be negative (0 = none)"),
     _int("draft_valid_beams", 1, "the draft's validation needs at least 1 beam"),
+    _int("draft_valid_width", 1, "the draft's validation tree needs at least 1 node per level"),
+    _int("draft_valid_gamma", 1, "the draft's validation tree needs at least one level"),
     _int("draft_valid_requests", 0, "the number of validation requests cannot be negative (0 = all)"),
     _int("teacher_batch_size", 1, "a teacher batch needs at least 1 request"),
     _int("sid_collab_dim", 1, "collaborative embeddings need at least 1 dimension"),
