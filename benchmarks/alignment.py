@@ -58,9 +58,8 @@ def benchmark(args) -> None:
         requests = decoders.requests(args, {loss: s}, test, 1)
         for mode in args.modes:
             for k in args.ks:
-                n = max(args.draft_beams or int(s.config["draft_beams"]), k)
-                row = decoders.measure(s, mode, requests, k, n, args.gamma or int(s.config["gamma"]), args.warmup,
-                                       hf=False)
+                n, gamma = decoders.tree_for(args, s, k)
+                row = decoders.measure(s, mode, requests, k, n, gamma, args.warmup, hf=False)
                 rows.append({**row, "loss": loss})
                 print(f"{loss} {mode} K={k}: {row['accepted']:.2f} accepted steps, {row['speedup']:.2f}x", flush=True)
     s = next(iter(served.values()))
@@ -77,7 +76,8 @@ def benchmark(args) -> None:
 def tables(rows) -> list[str]:
     lines = ["Accepted steps = drafted levels accepted per request (at most 3 with 4-code IDs, at most 2 with "
              "gamma = 1); speedup = median target-only time / median speculative time (strict: vs `beam_search`; "
-             "relaxed: vs `beam_sample`); N = max(draft_beams, K), batch 1.", "",
+             "relaxed: vs `beam_sample`); each row's tree (N, gamma): --trees for its K, else --draft_beams / "
+             "--gamma, else the config's (N >= K); batch 1.", "",
              *common.table(["align_loss", "mode", "K", "N", "gamma", "accepted steps", "target calls", "speedup"],
                            [[r["loss"], r["mode"], r["k"], r["n"], r["gamma"], f"{r['accepted']:.2f}",
                              f"{r['calls']:.2f}", f"{r['speedup']:.2f}x"] for r in rows]),

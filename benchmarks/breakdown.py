@@ -80,7 +80,7 @@ def benchmark(args) -> None:
     rows = []
     for mode in args.modes:
         s = served[mode]
-        n, gamma = max(args.draft_beams or int(s.config["draft_beams"]), args.k), args.gamma or int(s.config["gamma"])
+        n, gamma = decoders.tree_for(args, s, args.k)
         rows += rows_for(s, mode, args.k, n, gamma, requests, args.warmup)
     lines = decoders.header(args, "Where the time of one request goes", served)
     lines += [f"K = {args.k}, N = {n}, gamma = {gamma}, batch 1. ms / request: median without the profiler; "

@@ -54,9 +54,13 @@ def parser(script: str, doc: str, requests: int | None = 200, output: str | None
         p.add_argument("--requests", type=int, default=requests, help="test users, sampled with the config's seed")
         p.add_argument("--warmup", type=int, default=5, help="untimed request batches per setting (at most half)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-    p.add_argument("--output", type=Path, default=DOCS / output if output else None, help="markdown file")
+    p.add_argument("--output", type=Path, default=None,
+                   help=f"markdown file (default: docs/{output})" if output else "markdown file")
+    p.set_defaults(default_output=DOCS / output if output else None)
     if plot:
-        p.add_argument("--plot", type=Path, default=DOCS / plot, help="PNG file")
+        p.add_argument("--plot", type=Path, default=None,
+                       help=f"PNG file (default: --output's name with .png, or docs/{plot})")
+        p.set_defaults(default_plot=DOCS / plot)
     if untrained:
         p.add_argument("--allow_untrained", action="store_true",
                        help="random weights when no trained checkpoint exists (timing smoke tests only)")
@@ -76,6 +80,9 @@ def parse(p: argparse.ArgumentParser, argv, models: tuple[str, ...]) -> argparse
         p.error(f"--model={run.model}: this benchmark runs {' and '.join(models)}")
     if run.result_file or run.nproc != 1:
         p.error("--result_file and --nproc are run_recbole.py's: a benchmark writes --output, in one process")
+    if "default_plot" in args and args.plot is None:  # beside a custom --output, never over docs' own plot
+        args.plot = args.output.with_suffix(".png") if args.output else args.default_plot
+    args.output = args.output or args.default_output
     args.dataset, args.overrides = run.dataset, overrides
     args.config_files = run.config_files.replace(",", " ").split() if run.config_files else None
     args.command = " ".join(["python", p.prog, *map(shlex.quote, argv)])

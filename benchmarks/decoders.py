@@ -11,6 +11,7 @@ never changed.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,32 @@ def add_options(p, tree: bool = True) -> None:
                    "the checkpoint stays the one the config names")
     p.add_argument("--gamma", type=int, default=None,
                    help="draft levels per round of the decoding (default: the config's); not a property override")
+    p.add_argument("--trees", type=parse_trees, default={},
+                   help="a tree per K, K:N:gamma comma-separated (e.g. 1:8:3,10:20:2,20:40:1); other K use "
+                   "--draft_beams/--gamma or the config's")
+
+
+def parse_trees(text: str) -> dict[int, tuple[int, int]]:
+    """`{K: (N, gamma)}` from 'K:N:gamma,...'."""
+    trees = {}
+    for part in text.replace(" ", ",").split(","):
+        if part:
+            try:
+                k, n, gamma = (int(x) for x in part.split(":"))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{part!r} is not K:N:gamma (three integers)") from None
+            if n < k or gamma < 1:
+                raise argparse.ArgumentTypeError(f"{part!r}: N must be >= K and gamma >= 1")
+            trees[k] = (n, gamma)
+    return trees
+
+
+def tree_for(args, served, k: int) -> tuple[int, int]:
+    """(N, gamma) of the decoding at K = `k`: --trees, else --draft_beams/--gamma, else the config's (N >= K)."""
+    if k in args.trees:
+        return args.trees[k]
+    n = args.draft_beams or int(served.config["draft_beams"])
+    return max(n, k), args.gamma or int(served.config["gamma"])
 
 
 def check_modes(p, args) -> None:

@@ -42,9 +42,8 @@ def benchmark(args) -> None:
         requests = decoders.requests(args, served, test, batch)
         for mode in args.modes:
             s = served[mode]
-            gamma = args.gamma or int(s.config["gamma"])
             for k in args.ks:
-                n = max(args.draft_beams or int(s.config["draft_beams"]), k)
+                n, gamma = decoders.tree_for(args, s, k)
                 r = decoders.measure(s, mode, requests, k, n, gamma, args.warmup, not args.skip_hf)
                 rows.append(r)
                 print(f"{mode} K={k} batch={batch}: {r['speedup']:.2f}x vs ours, "

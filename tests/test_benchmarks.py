@@ -90,6 +90,17 @@ def test_a_relaxed_temperature_is_a_decoding_setting_of_the_benchmark(synth_root
         speculative.main([*argv[:-1], "--temperature=0"])
 
 
+def test_each_k_is_decoded_on_the_tree_trees_names_for_it(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--ks=1,3", "--batches=1", "--requests=2",
+                    "--warmup=1", "--skip_hf", "--modes=strict", "--trees=1:2:3", "--draft_beams=6", "--gamma=2")
+    assert speculative.main(argv) == 0
+    speed, _ = tables(in_tmp_dir / "table.md")
+    assert [(r["K"], r["N"], r["gamma"]) for r in speed] == [("1", "2", "3"), ("3", "6", "2")]
+    assert (in_tmp_dir / "table.png").stat().st_size > 0  # the plot goes beside a custom --output
+    with pytest.raises(SystemExit):
+        speculative.main([*argv, "--trees=3:2:1"])  # N < K
+
+
 def test_frontier_times_every_draft_tree(synth_root, in_tmp_dir):
     argv = run_args(synth_root, in_tmp_dir, f"--plot={in_tmp_dir / 'plot.png'}", "--allow_untrained",
                     "--k=3", "--n=2,3,6", "--gamma=1,2", "--requests=4", "--warmup=1")
