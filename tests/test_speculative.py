@@ -155,6 +155,17 @@ def test_rejected_slots_are_refilled_from_the_residual_first():
     assert (flat[:, 3] == 3).all() and valid[:, :4].all() and not valid[:, 4].any()  # then p; p = 0 stays empty
 
 
+def test_with_more_than_k_accepted_the_kept_ones_are_drawn_from_p():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    accepted = torch.ones(4, dtype=torch.bool)  # a wide tree: every drafted node accepted, K = 1 kept
+    trials = 20_000
+    flat, valid = fill_beams(accepted.expand(trials, -1), torch.zeros(trials, 4), p.log().expand(trials, -1),
+                             k=1, generator=torch.Generator().manual_seed(0))
+    kept = torch.bincount(flat[:, 0], minlength=4).float() / trials  # ∝ p, not uniform over the accepted
+    torch.testing.assert_close(kept, p, atol=0.02, rtol=0)
+    assert valid.all()
+
+
 def random_tree(batch, beams, depth, width, seed):
     g = torch.Generator().manual_seed(seed)
     parents = torch.stack([torch.randint(0, beams if j == 0 else width, (batch, width), generator=g)

@@ -9,8 +9,10 @@ One round, for the requests at depth `cur` with H current beams (codes and TARGE
 3. Verify level i = 0..d. Strict: T_i = the top K of S_p(h) + log p(v | h), exactly what
    `beam_search` keeps; the level is accepted if every live pair of T_i is a drafted node, else
    (or at i == d, the bonus step) T_i is emitted and the round stops: lossless. Relaxed: each
-   drafted node is accepted with prob min(1, p/q); with >= K accepted keep K at random and go on,
-   else keep them, fill up from the residual max(p - q, 0) and stop. p and q are the softmax of
+   drafted node is accepted with prob min(1, p/q); with >= K accepted keep K of them, drawn without
+   replacement from p (the authors draw uniformly: a tree of N = 2K often accepts far more than K, and
+   uniform draws keep low-p nodes as often as the best) and go on, else keep them, fill up from the
+   residual max(p - q, 0) and stop. p and q are the softmax of
    cumulative scores divided by a temperature T (`beam_sample`'s), 1 by default.
 A round advances (accepted levels + 1) codes. Requests at the same depth share the round's calls;
 deeper ones wait (the shallowest depth goes first), finished ones leave the batch. Both models keep
@@ -124,13 +126,14 @@ def accept_drafts(logp: torch.Tensor, logq: torch.Tensor, generator=None) -> tor
 
 
 def fill_beams(accepted: torch.Tensor, residual: torch.Tensor, logp: torch.Tensor, k: int, generator=None):
-    """k pairs `[G, k]` over `[G, n]` candidates: the accepted ones first (in random order), then draws
-    without replacement from the residual, then (where the residual runs out) from p itself.
+    """k pairs `[G, k]` over `[G, n]` candidates: the accepted ones first (in an order drawn without
+    replacement from p, so that with more than k accepted the kept ones are a p-draw among them), then
+    draws without replacement from the residual, then (where the residual runs out) from p itself.
     `valid [G, k]` is False for slots left empty (fewer than k pairs with p > 0)."""
     g = gumbel(logp.shape, generator, logp.device)
     has_res = residual > 0
     tier = torch.where(accepted, 3, torch.where(has_res, 2, torch.where(logp > NEG_INF, 1, 0)))
-    key = torch.where(accepted, g, torch.where(has_res, residual.clamp(min=1e-38).log() + g, logp + g))
+    key = torch.where(has_res & ~accepted, residual.clamp(min=1e-38).log() + g, logp + g)
     order = key.argsort(dim=-1, descending=True, stable=True)  # Gumbel keys: sampling without replacement
     order = order.gather(1, tier.gather(1, order).argsort(dim=-1, descending=True, stable=True))  # then by tier
     k_eff = min(k, order.shape[1])
@@ -141,8 +144,8 @@ def fill_beams(accepted: torch.Tensor, residual: torch.Tensor, logp: torch.Tenso
 
 def relaxed_draw(logp, drafted, where, beam_alive, K: int, generator=None):
     """K pairs of one drafted level: each drafted node y is accepted with prob min(1, p_i(y) / q_i(y)); with
-    >= K accepted (or all of p_i's support) keep K of them at random and go on, else keep them, fill up
-    from the residual max(p_i - q_i, 0) and stop.
+    >= K accepted (or all of p_i's support) keep K of them (drawn without replacement from p_i) and go on,
+    else keep them, fill up from the residual max(p_i - q_i, 0) and stop.
 
     logp: `[G, h*C]` target p_i over (current beam, code); drafted: `DraftTree.level(i)`, nodes `[G, N]`
     and q_i `[G, n_par, C]` over (parent node, code); where: `[G, h]` each current beam's index in the
