@@ -127,7 +127,7 @@ def facts(served: dict) -> list[str]:
     return [f"target: {tp / 1e6:.3f} M parameters ({kind}, {lm_dtype(target)}); draft: "
             f"{dp / 1e6:.3f} M ({config['draft_n_layers']} x {config['draft_hidden_size']}); target / draft = "
             f"{tp / dp:.1f}x", *[f"weights, {mode}: {s.weights}" for mode, s in served.items()],
-            f"relaxed sample_temperature: {s.model.temperature:g}"]
+            f"relaxed sample_temperature: {s.model.temperature:g}, last code: {s.model.last_level}"]
 
 
 def untrained(served: dict) -> bool:
@@ -144,14 +144,15 @@ def requests(args, served: dict, test, batch: int) -> list[common.Request]:
 def spec_fn(model, mode: str, k: int, n: int, gamma: int, generator):
     t = model.target
     return lambda ids, mask: speculative_beam_search(t.lm, model.draft, t.trie, t.vocab, ids, mask, k, n, gamma,
-                                                     mode, generator, model.temperature)
+                                                     mode, generator, model.temperature, model.last_level)
 
 
 def baseline_fn(model, mode: str, k: int, generator):
     t = model.target
     if mode == "strict":
         return lambda ids, mask: beam_search(t.lm, t.trie, t.vocab, ids, mask, k)
-    return lambda ids, mask: beam_sample(t.lm, t.trie, t.vocab, ids, mask, k, generator, model.temperature)
+    return lambda ids, mask: beam_sample(t.lm, t.trie, t.vocab, ids, mask, k, generator, model.temperature,
+                                         model.last_level)
 
 
 def generator(s: Served) -> torch.Generator:

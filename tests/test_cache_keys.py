@@ -30,6 +30,7 @@ NOT_WEIGHTS = {
     "draft_beams": "the serving tree's width: the draft is validated on its own tree (draft_valid_width)",
     "gamma": "the serving tree's depth: the draft is validated on its own tree (draft_valid_gamma)",
     "sample_temperature": "relaxed serving only: draft validation decodes strictly",
+    "relaxed_last_level": "relaxed serving only: draft validation decodes strictly",
 }
 
 

@@ -254,9 +254,10 @@ def test_requests_that_finish_in_different_rounds_each_get_their_own_result():
     assert_same_as_beam_search(spec, beam_search(target, trie, VOCAB, ids, mask, num_beams=1))
 
 
-def item_distribution(model, trie, codes, ids, mask, temperature=1.0):
+def item_distribution(model, trie, codes, ids, mask, temperature=1.0, last_level="sample"):
     """Exact probability of each item under target sampling with K = 1: the product over levels of
-    p(c_t | prefix)^(1/T) renormalised over the codes the trie allows there."""
+    p(c_t | prefix)^(1/T) renormalised over the codes the trie allows there ("sample"); with
+    "top_k", the product over the first L - 1 levels, times 1 where the last code is the prefix's best."""
     n = codes.shape[0]
     tokens = torch.cat([ids.expand(n, -1), VOCAB.tokens(codes)], 1)
     full = torch.cat([mask.expand(n, -1), mask.new_ones(n, 4)], 1)
@@ -266,23 +267,30 @@ def item_distribution(model, trie, codes, ids, mask, temperature=1.0):
     total = torch.zeros(n)
     for t in range(4):
         code_lp = level_logits(lp[:, t], t).masked_fill(~trie.allowed_after(codes[:, :t]), float("-inf"))
+        if t == 3 and last_level == "top_k":  # the item is kept iff its last code is its prefix's argmax
+            best = code_lp.gather(1, codes[:, t:t + 1]).squeeze(1) == code_lp.max(-1).values
+            total = total.masked_fill(~best, float("-inf"))
+            break
         code_lp = code_lp / temperature
         total += code_lp.gather(1, codes[:, t:t + 1]).squeeze(1) - code_lp.logsumexp(-1)
     return total.exp()
 
 
+@pytest.mark.parametrize("last_level", ["sample", "top_k"])
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_relaxed_mode_with_one_beam_samples_items_exactly_as_the_target_does(temperature):
+def test_relaxed_mode_with_one_beam_samples_items_exactly_as_the_target_does(temperature, last_level):
     g = torch.Generator().manual_seed(7)
     codes = torch.unique(torch.randint(0, 3, (40, 4), generator=g), dim=0)[:24]  # few items: dense probabilities
     trie = CodeTrie(codes, 8, item_offset=1)
     _, _, target, draft = world(1)
     ids, mask = prompts(codes, 1, 7)
-    exact = item_distribution(target, trie, codes, ids, mask, temperature)
+    exact = item_distribution(target, trie, codes, ids, mask, temperature, last_level)
+    if last_level == "top_k":
+        assert (exact == 0).sum() > 5  # items that are not their prefix's best are never returned
     trials = 4000
     ids, mask = ids.expand(trials, -1), mask.expand(trials, -1)
     for result in [speculative_beam_search(target, draft, trie, VOCAB, ids, mask, 1, 1, gamma=3, mode="relaxed",
-                                           generator=g, temperature=temperature)[0],
-                   beam_sample(target, trie, VOCAB, ids, mask, 1, g, temperature)]:
+                                           generator=g, temperature=temperature, last_level=last_level)[0],
+                   beam_sample(target, trie, VOCAB, ids, mask, 1, g, temperature, last_level)]:
         freq = torch.bincount(result.items.flatten() - 1, minlength=codes.shape[0]).float() / trials
         torch.testing.assert_close(freq, exact, atol=0.03, rtol=0)  # one item's std <= 0.008

@@ -98,11 +98,12 @@ def extend_beams(beams: Beams, parent: torch.Tensor, code: torch.Tensor, score: 
 
 @torch.no_grad()
 def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor, num_beams: int, select=select_top_k) -> BeamResult:
+                attention_mask: torch.Tensor, num_beams: int, select=select_top_k, last_select=None) -> BeamResult:
     """Top-`num_beams` valid items for each left-padded prompt `input_ids [B, P]`.
 
     `select(beam_scores, code_lp, k) -> (parent, code, score)` keeps k (parent, code) pairs per
-    step: the top k here, k sampled without replacement for beam sampling (`sampling.py`).
+    step: the top k here, k sampled without replacement for beam sampling (`sampling.py`);
+    `last_select` (default: `select`) keeps the k items at the last code.
     """
     B, K, L = input_ids.shape[0], num_beams, vocab.levels
     beams = Beams(input_ids.new_zeros(B, 1, 0), torch.zeros(B, 1, device=input_ids.device), trie.root_nodes(B, 1))
@@ -114,6 +115,7 @@ def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor
                                            input_ids if kv is None else None)  # [B, H, L * C]
         with record_function(STAGES["verify"]):
             code_lp = masked_code_logprobs(logprobs, vocab, trie, beams.nodes, level)  # [B, H, C]
-            beams = extend_beams(beams, *select(beams.scores, code_lp, K), trie, level)  # [B, K, level + 1]
+            pick = last_select if last_select is not None and level == L - 1 else select
+            beams = extend_beams(beams, *pick(beams.scores, code_lp, K), trie, level)  # [B, K, level + 1]
     items = torch.where(beams.scores > NEG_INF, beams.nodes, -1)  # the last trie step yields item ids
     return BeamResult(items=items, codes=beams.codes, scores=beams.scores, forward_calls=L)

@@ -13,7 +13,9 @@ One round, for the requests at depth `cur` with H current beams (codes and TARGE
    replacement from p (the authors draw uniformly: a tree of N = 2K often accepts far more than K, and
    uniform draws keep low-p nodes as often as the best) and go on, else keep them, fill up from the
    residual max(p - q, 0) and stop. p and q are the softmax of
-   cumulative scores divided by a temperature T (`beam_sample`'s), 1 by default.
+   cumulative scores divided by a temperature T (`beam_sample`'s), 1 by default. The last code is
+   never drafted; relaxed mode keeps the target's top K there (`last_level` "top_k", the default)
+   or samples K as the paper does ("sample").
 A round advances (accepted levels + 1) codes. Requests at the same depth share the round's calls;
 deeper ones wait (the shallowest depth goes first), finished ones leave the batch. Both models keep
 only their prompt KV: every pass re-feeds what follows it (`tree.tree_forward`), the beam paths
@@ -31,7 +33,7 @@ from torch.profiler import record_function
 
 from atspeed_rec.decoding.beam_search import (NEG_INF, STAGES, BeamResult, Beams, extend_beams,
                                               masked_code_logprobs, select_top_k)
-from atspeed_rec.decoding.sampling import gumbel, gumbel_top_k, sample_top_k, sort_beams
+from atspeed_rec.decoding.sampling import check_last_level, gumbel, gumbel_top_k, sample_top_k, sort_beams
 from atspeed_rec.decoding.tree import DraftTree, cache_rows, tree_forward
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
@@ -194,15 +196,18 @@ def relaxed_level(code_lp, scores, where, drafted, K: int, generator=None, tempe
 
 
 def verify(lp_beams, lp_tree, tree: DraftTree, beams: Beams, K: int, trie: CodeTrie, vocab: CodeVocab,
-           mode: str = "strict", generator=None, temperature: float = 1.0):
+           mode: str = "strict", generator=None, temperature: float = 1.0, last_level: str = "top_k"):
     """Verification of one tree per request: at level i = 0..d the mode's rule (`strict_level`,
     `relaxed_level`) picks K pairs; the rows that stop emit them, the others go on from their tree nodes.
+    At the ID's last code (always the bonus level: it is never drafted) relaxed mode keeps the top K
+    when `last_level` is "top_k".
 
     lp_beams `[G, H, L * C]`, lp_tree `[G, d, N, L * C]`: target log-probs after the beams and the nodes.
     Returns the new beams `[G, K, cur + d + 1]` (codes past a row's new depth are 0; relaxed: in draw
     order) and the number of codes each request advanced `[G]` (accepted levels + 1).
     """
     rule = strict_level if mode == "strict" else partial(relaxed_level, generator=generator, temperature=temperature)
+    last_rule = strict_level if last_level == "top_k" else rule  # the last code: top K (strict's bonus step)
     G, H, cur = beams.codes.shape
     out = _empty_out(beams, K, tree.depth)
     running = torch.ones(G, dtype=torch.bool, device=lp_beams.device)
@@ -211,7 +216,8 @@ def verify(lp_beams, lp_tree, tree: DraftTree, beams: Beams, K: int, trie: CodeT
     for i in range(tree.depth + 1):
         code_lp = masked_code_logprobs(lp, vocab, trie, beams.nodes, cur + i)  # [G, h, C]
         drafted = tree.level(i) if i < tree.depth else None  # i == d: the bonus level
-        parent, code, score, where, go_on = rule(code_lp, beams.scores, where, drafted, K)  # [G, K], [G]
+        level_rule = last_rule if cur + i == vocab.levels - 1 else rule
+        parent, code, score, where, go_on = level_rule(code_lp, beams.scores, where, drafted, K)  # [G, K], [G]
         beams = extend_beams(beams, parent, code, score, trie, cur + i)
         _emit(out, running & ~go_on, beams, i)
         running = running & go_on
@@ -228,12 +234,12 @@ def verify(lp_beams, lp_tree, tree: DraftTree, beams: Beams, K: int, trie: CodeT
 @torch.no_grad()
 def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor,
                             attention_mask: torch.Tensor, num_beams: int, draft_beams: int, gamma: int,
-                            mode: str = "strict", generator=None, temperature: float = 1.0
-                            ) -> tuple[BeamResult, SpecStats]:
+                            mode: str = "strict", generator=None, temperature: float = 1.0,
+                            last_level: str = "top_k") -> tuple[BeamResult, SpecStats]:
     """Top-`num_beams` valid items per left-padded prompt `input_ids [B, P]`, by speculative beam search.
 
     strict: the same items, order and scores (up to float noise) as `beam_search(target, ...)`.
-    relaxed: an approximation of `beam_sample(target, ..., temperature)`, sorted by target score.
+    relaxed: an approximation of `beam_sample(target, ..., temperature, last_level)`, sorted by target score.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -241,6 +247,7 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
         raise ValueError(f"need draft_beams >= num_beams and gamma >= 1, got {draft_beams}, {num_beams}, {gamma}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_last_level(last_level)
     B, K, N, L = input_ids.shape[0], num_beams, draft_beams, vocab.levels
     dev = input_ids.device
     codes = input_ids.new_zeros(B, K, L)
@@ -273,7 +280,8 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
             draft_kv, target_kv = kv, kv_t
         calls += 1
         with record_function(STAGES["verify"]):
-            new, advanced = verify(lp_beams, lp_tree, tree, beams, K, trie, vocab, mode, generator, temperature)
+            new, advanced = verify(lp_beams, lp_tree, tree, beams, K, trie, vocab, mode, generator, temperature,
+                                   last_level)
         width = new.codes.shape[-1]
         codes[rows, :, :width] = new.codes
         scores[rows], nodes[rows] = new.scores, new.nodes

@@ -60,6 +60,7 @@ class AtSpeedS(ProjectModel):
         if not self.temperature > 0:
             raise ConfigError(f"sample_temperature={self.temperature}: relaxed sampling divides scores by it; "
                               "fix: a value > 0 (1 = plain beam sampling, smaller = closer to beam search)")
+        self.last_level = str(config["relaxed_last_level"])  # relaxed: top K or K samples at the last code
         self.timed_batches = int(config["speedup_batches"])  # batches also decoded target-only
         self.single_requests = int(config["speedup_requests"])  # test requests also timed alone, both ways
         self.phase = "test"
@@ -88,7 +89,8 @@ class AtSpeedS(ProjectModel):
         self.generator = None  # reseeded at the next batch
 
     def decoding(self) -> str:
-        temperature = f", temperature={self.temperature:g}" if self.verification == "relaxed" else ""
+        temperature = (f", temperature={self.temperature:g}, last code: {self.last_level}"
+                       if self.verification == "relaxed" else "")
         return (f"{self.verification} speculative beam search: K={self.num_beams}, N={self.draft_beams}, "
                 f"gamma={self.gamma}{temperature}")
 
@@ -101,7 +103,8 @@ class AtSpeedS(ProjectModel):
             n, gamma, mode = self.draft_beams, self.gamma, self.verification
         return speculative_beam_search(
             self.target.lm, self.draft, self.target.trie, self.target.vocab, input_ids, mask,
-            self.eval_beams, n, gamma, mode=mode, generator=self.generator, temperature=self.temperature)
+            self.eval_beams, n, gamma, mode=mode, generator=self.generator, temperature=self.temperature,
+            last_level=self.last_level)
 
     def full_sort_predict(self, interaction):
         input_ids, mask = self.target.prompt(interaction)
@@ -133,7 +136,7 @@ class AtSpeedS(ProjectModel):
             spec = (lambda: speculative_beam_search(
                 self.target.lm, self.draft, self.target.trie, self.target.vocab, ids, m, self.num_beams,
                 self.draft_beams, self.gamma, mode=self.verification, generator=generator,
-                temperature=self.temperature))
+                temperature=self.temperature, last_level=self.last_level))
             if done == 0 and not meter.warmed_up:
                 target(), spec()
                 meter.warmed_up = True

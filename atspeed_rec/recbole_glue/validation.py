@@ -214,6 +214,11 @@ def check_choices(config) -> None:
                               f"must propose at least the K target beams; fix: --draft_beams={num_beams}")
         from atspeed_rec.alignment.losses import ALIGN_LOSSES, DISTILLSPEC_DIVERGENCES
 
+        from atspeed_rec.decoding.sampling import LAST_LEVELS
+
+        if str(config["relaxed_last_level"]) not in LAST_LEVELS:
+            raise ConfigError(f"relaxed_last_level={config['relaxed_last_level']!r} is unknown; fix: set "
+                              f"--relaxed_last_level to one of {', '.join(LAST_LEVELS)}")
         if str(config["align_loss"]) not in ALIGN_LOSSES:
             raise ConfigError(f"align_loss={config['align_loss']!r} is unknown; fix: set --align_loss to one of "
                               f"{', '.join(ALIGN_LOSSES)}")
