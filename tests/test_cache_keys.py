@@ -27,6 +27,7 @@ NOT_WEIGHTS = {
     "metric_decimal_place": "printing",
     "show_progress": "progress bars",
     "reproducibility": "deterministic kernels: float noise only",
+    "train_compile": "how the same training steps run (fused kernels): float noise only",
     "draft_beams": "the serving tree's width: the draft is validated on its own tree (draft_valid_width)",
     "gamma": "the serving tree's depth: the draft is validated on its own tree (draft_valid_gamma)",
     "sample_temperature": "relaxed serving only: draft validation decodes strictly",

@@ -144,6 +144,48 @@ def test_the_training_loss_decreases_on_one_batch(synth_root, tiny_lm, in_tmp_di
     assert losses[-1] < 0.5 * losses[0]
 
 
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model.calculate_loss(batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainable(model).items()}
+
+
+def test_a_compiled_training_step_gives_the_eager_loss_and_gradients(synth_root, tiny_lm, in_tmp_dir):
+    model, train, _ = lora_genrec(synth_root, tiny_lm, lora_dropout=0.0, train_compile=True)
+    perturb_trained_part(model, 0)
+    model.train()
+    batch = next(iter(train))
+    compiled = loss_and_grads(model, batch)
+    assert model.compiled.enabled and model.compiled.forwards is not None  # it did compile
+    model.compiled.enabled = False
+    eager = loss_and_grads(model, batch)
+    torch.testing.assert_close(compiled[0], eager[0], atol=1e-5, rtol=1e-5)
+    for name, grad in eager[1].items():
+        torch.testing.assert_close(compiled[1][name], grad, atol=1e-4, rtol=1e-3)  # fused kernels: float noise
+    block = model.lm.model.layers[0]
+    assert block._compiled_call_impl is None  # teacher forcing and decoding elsewhere stay eager
+
+
+def test_training_goes_on_eagerly_with_a_warning_when_compiling_fails(synth_root, tiny_lm, in_tmp_dir,
+                                                                       monkeypatch, caplog):
+    def no_compiler(*args, **kwargs):
+        raise torch._dynamo.exc.TorchDynamoException("C++ compile error: no compiler found")
+
+    def compile_that_fails(module, *args, **kwargs):
+        module._compiled_call_impl = no_compiler
+
+    model, train, _ = lora_genrec(synth_root, tiny_lm, lora_dropout=0.0, train_compile=True)
+    model.train()
+    batch = next(iter(train))
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_that_fails)
+    loss = model.calculate_loss(batch)
+    assert "torch.compile of the LM's blocks failed" in caplog.text and "--train_compile=False" in caplog.text
+    assert not model.compiled.enabled
+    model.compiled.enabled = False
+    torch.testing.assert_close(loss, model.calculate_loss(batch))
+
+
 # ---- the prompt ------------------------------------------------------------------------------
 def test_each_prompt_row_is_pads_prefix_history_codes(synth_root, tiny_lm, in_tmp_dir):
     model, _, test = lora_genrec(synth_root, tiny_lm)

@@ -19,6 +19,7 @@ from recbole.utils import InputType
 from atspeed_rec.decoding.beam_search import BeamResult, beam_search, masked_log_softmax
 from atspeed_rec.decoding.tree import prompt_positions
 from atspeed_rec.errors import ConfigError
+from atspeed_rec.models.compiled import CompiledBlocks
 from atspeed_rec.models.fast_forward import hidden_code_logits
 from atspeed_rec.models.item_embedding import ItemTokenEmbedding
 from atspeed_rec.models.lm import build_lm
@@ -79,6 +80,7 @@ class GenRec(ProjectModel):
         self._trie: CodeTrie | None = None
         self.register_buffer("prefix_nodes", self._prefix_nodes(), persistent=False)  # [n_items, L]
         self.length_buckets = 4  # forward passes per batch, grouped by window length
+        self.compiled = CompiledBlocks(self.lm, bool(config["train_compile"]))  # training steps only
         if self.pretrained:  # checkpoints hold LoRA, new-token rows and buffers, not the backbone
             save_trained_part_only(self)
 
@@ -129,7 +131,7 @@ class GenRec(ProjectModel):
         for long users) instead of one per prefix. With a pretrained LM each window is preceded
         by the prompt's text, as at inference.
         """
-        return self.window_loss(self.lm, interaction)
+        return self.compiled.run(lambda: self.window_loss(self.lm, interaction))
 
     def window_loss(self, lm, interaction):
         """Mean next-code cross-entropy of `lm` (the target, or a draft) over the batch's windows.

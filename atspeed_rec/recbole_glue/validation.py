@@ -227,6 +227,9 @@ def check_choices(config) -> None:
                               f"--distillspec_divergence to one of {', '.join(DISTILLSPEC_DIVERGENCES)}")
     from atspeed_rec.recbole_glue.trainer import LR_SCHEDULES
 
+    if not isinstance(config["train_compile"], bool):
+        raise ConfigError(f"train_compile={config['train_compile']!r} is not True or False; fix: "
+                          "--train_compile=True (compile the LM's blocks for training) or --train_compile=False")
     schedule = config["lr_schedule"] or "constant"
     if schedule not in LR_SCHEDULES:  # as the trainer words it
         raise ConfigError(f"lr_schedule={schedule!r} is unknown; fix: choose one of {LR_SCHEDULES}")
