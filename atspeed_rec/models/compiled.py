@@ -19,12 +19,12 @@ from atspeed_rec.models.fast_forward import llama_parts
 
 
 def compile_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions a failed compilation raises (dynamo's, and inductor's own where it has one)."""
-    errors: list[type[BaseException]] = [torch._dynamo.exc.TorchDynamoException]
-    inductor_error = getattr(getattr(torch, "_inductor", None) and torch._inductor.exc, "InductorError", None)
-    if inductor_error is not None:
-        errors.append(inductor_error)
-    return tuple(errors)
+    """The exceptions a failed compilation raises: dynamo's, and inductor's own where torch has one."""
+    try:
+        from torch._inductor.exc import InductorError
+    except ImportError:
+        return (torch._dynamo.exc.TorchDynamoException,)
+    return torch._dynamo.exc.TorchDynamoException, InductorError
 
 
 class CompiledBlocks:
@@ -51,8 +51,9 @@ class CompiledBlocks:
         try:
             return fn()
         except compile_errors() as err:
+            first_line = (str(err).splitlines() or [""])[0][:200]
             logging.getLogger().warning(
-                f"torch.compile of the LM's blocks failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                f"torch.compile of the LM's blocks failed ({type(err).__name__}: {first_line}); "
                 "training goes on in eager mode (slower). Fix: install a C++ compiler (inductor needs one on "
                 "CPU), or set --train_compile=False to skip compiling")
             self.enabled = False
