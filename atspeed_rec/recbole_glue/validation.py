@@ -213,7 +213,6 @@ def check_choices(config) -> None:
             raise ConfigError(f"draft_beams={draft_beams} < num_beams={num_beams}: the draft "
                               f"must propose at least the K target beams; fix: --draft_beams={num_beams}")
         from atspeed_rec.alignment.losses import ALIGN_LOSSES, DISTILLSPEC_DIVERGENCES
-
         from atspeed_rec.decoding.sampling import LAST_LEVELS
 
         if str(config["relaxed_last_level"]) not in LAST_LEVELS:
@@ -225,11 +224,11 @@ def check_choices(config) -> None:
         if str(config["distillspec_divergence"]) not in DISTILLSPEC_DIVERGENCES:
             raise ConfigError(f"distillspec_divergence={config['distillspec_divergence']!r} is unknown; fix: set "
                               f"--distillspec_divergence to one of {', '.join(DISTILLSPEC_DIVERGENCES)}")
-    from atspeed_rec.recbole_glue.trainer import LR_SCHEDULES
-
     if not isinstance(config["train_compile"], bool):
         raise ConfigError(f"train_compile={config['train_compile']!r} is not True or False; fix: "
                           "--train_compile=True (compile the LM's blocks for training) or --train_compile=False")
+    from atspeed_rec.recbole_glue.trainer import LR_SCHEDULES
+
     schedule = config["lr_schedule"] or "constant"
     if schedule not in LR_SCHEDULES:  # as the trainer words it
         raise ConfigError(f"lr_schedule={schedule!r} is unknown; fix: choose one of {LR_SCHEDULES}")
