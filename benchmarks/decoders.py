@@ -168,6 +168,14 @@ def acceptance(stats) -> tuple[float, float, float]:
     return acc / users, calls / users, acc / max(drafted, 1.0)
 
 
+def acceptance_by_code(stats) -> str:
+    """Accepted / verified drafted levels at each drafted code position ("1st / 2nd / 3rd" code): where the
+    draft loses the target. A position no request verified shows "-"."""
+    accepted = sum(s.accepted_at.sum(0).double() for s in stats)[:-1]  # the last code is never drafted
+    verified = sum(s.verified_at.sum(0).double() for s in stats)[:-1]
+    return " / ".join(f"{a / v:.2f}" if v else "-" for a, v in zip(accepted.tolist(), verified.tolist()))
+
+
 def measure(s: Served, mode: str, requests, k: int, n: int, gamma: int, warmup: int, hf: bool) -> dict:
     """One setting: speculative vs our target-only baseline (and HF generate), interleaved; acceptance;
     RecBole's metrics of every decoding ("metrics": {decoding: {metric@c: value}}) and how many request
@@ -194,4 +202,5 @@ def measure(s: Served, mode: str, requests, k: int, n: int, gamma: int, warmup: 
            "identical": sum(bool(torch.equal(b.items, r.items)) for b, r in zip(beams, target)),
            "metrics": {name: common.recbole_metrics(s.config, requests, out, k) for name, out in decoded.items()}}
     row["accepted"], row["calls"], row["rate"] = acceptance([st for _, st in spec_out])
+    row["by_code"] = acceptance_by_code([st for _, st in spec_out])
     return row

@@ -42,7 +42,8 @@ def run_frontier(s, mode: str, requests, k: int, grid, warmup: int) -> list[dict
         accepted, calls, rate = decoders.acceptance([stats for _, stats in out])
         rows.append({"mode": mode, "k": k, "n": n, "gamma": g, "spec_ms": 1000 * spec_t,
                      "ours_ms": 1000 * res["ours"][0], "speedup": res["ours"][0] / spec_t,
-                     "accepted": accepted, "calls": calls, "rate": rate})
+                     "accepted": accepted, "calls": calls, "rate": rate,
+                     "by_code": decoders.acceptance_by_code([stats for _, stats in out])})
     return rows
 
 
@@ -56,12 +57,14 @@ def benchmark(args) -> None:
         print(f"{mode}: best {max(r['speedup'] for r in rows if r['mode'] == mode):.2f}x", flush=True)
     lines = decoders.header(args, f"Speculative beam search: draft tree frontier (K = {args.k}, batch 1)", served)
     lines += ["Speedup = median time per request, baseline (strict: `beam_search`, relaxed: `beam_sample`) / "
-              "speculative, batch 1, every tree and the baseline interleaved on the same requests.", "",
+              "speculative, batch 1, every tree and the baseline interleaved on the same requests. Acceptance by "
+              "code: accepted / verified drafted levels at the 1st, 2nd, ... code of the ID (a round stops at its "
+              "first rejected level).", "",
               *common.table(["mode", "K", "N", "gamma", "nodes per round (<=)", "SD ms", "ours ms", "speedup",
-                             "accepted steps", "target calls", "acceptance"],
+                             "accepted steps", "target calls", "acceptance", "acceptance by code"],
                             [[r["mode"], r["k"], r["n"], r["gamma"], r["n"] * r["gamma"], f"{r['spec_ms']:.1f}",
                               f"{r['ours_ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['accepted']:.2f}",
-                              f"{r['calls']:.2f}", f"{r['rate']:.2f}"] for r in rows])]
+                              f"{r['calls']:.2f}", f"{r['rate']:.2f}", r["by_code"]] for r in rows])]
     label = lambda r: f"{r['mode']}, gamma {r['gamma']}"  # noqa: E731
     common.plot_lines(args.plot, [("speedup vs ours", common.series(rows, label, "n", "speedup")),
                                   ("accepted steps per request", common.series(rows, label, "n", "accepted"))],

@@ -60,7 +60,7 @@ def tables(rows) -> list[str]:
     speed = [[r["mode"], r["k"], r["batch"], r["n"], r["gamma"], f"{r['spec_ms']:.1f}", f"{r['ours_ms']:.1f}",
               f"{r['search_ms']:.1f}", f"{r['speedup_search']:.2f}x",
               common.fmt(r["hf_ms"], "{:.1f}"), f"{r['speedup']:.2f}x", common.fmt(r["speedup_hf"], "{:.2f}x"),
-              f"{r['accepted']:.2f}", f"{r['calls']:.2f}", f"{r['rate']:.2f}",
+              f"{r['accepted']:.2f}", f"{r['calls']:.2f}", f"{r['rate']:.2f}", r["by_code"],
               f"{r['identical']}/{r['users'] // r['batch']}"] for r in rows]
     accuracy = [([r["mode"], r["k"], r["batch"], decoding, r["users"]], values)
                 for r in rows for decoding, values in r["metrics"].items()]
@@ -69,11 +69,13 @@ def tables(rows) -> list[str]:
             "sampling); 'beam search' = our `beam_search` in both modes (the target-only search a server runs "
             "today; the same as 'ours' in strict mode); 'HF' = `generate` beam search in BOTH modes (it has no "
             "trie-constrained beam sampling). "
-            "Accepted steps and target calls are per request; 'identical' = request batches whose speculative "
+            "Accepted steps and target calls are per request; acceptance by code = accepted / verified drafted "
+            "levels at the ID's 1st, 2nd, ... code; 'identical' = request batches whose speculative "
             "top-K items equal `beam_search`'s exactly.", "",
             *common.table(["mode", "K", "batch", "N", "gamma", "SD ms", "ours ms", "beam search ms",
                            "speedup vs beam search", "HF ms", "speedup vs ours",
-                           "speedup vs HF", "accepted steps", "target calls", "acceptance", "identical"], speed),
+                           "speedup vs HF", "accepted steps", "target calls", "acceptance", "acceptance by code",
+                           "identical"], speed),
             "", "RecBole's metrics against each user's held-out test item (the trainer's full-sort protocol; "
             "cut-offs: the config's topk up to K, or K): the speculative output, the target's own "
             "`beam_search` and, relaxed, `beam_sample`, on the same users.", "",

@@ -109,6 +109,9 @@ def test_frontier_times_every_draft_tree(synth_root, in_tmp_dir):
     assert sorted((r["mode"], r["N"], r["gamma"]) for r in rows) == sorted(  # N < K is skipped
         (m, n, g) for m in ("strict", "relaxed") for n in ("3", "6") for g in ("1", "2"))
     assert all(r["K"] == "3" and number(r["speedup"]) > 0 for r in rows)
+    for r in rows:  # accepted / verified at the 1st-3rd code: rates, or "-" where no round got that far
+        assert all(v == "-" or 0 <= float(v) <= 1 for v in r["acceptance by code"].split(" / "))
+        assert len(r["acceptance by code"].split(" / ")) == 3
     assert (in_tmp_dir / "plot.png").stat().st_size > 0
 
 

@@ -89,6 +89,16 @@ def test_strict_mode_returns_exactly_what_beam_search_returns(seed, k, extra, ga
     assert_same_as_beam_search(spec, beam_search(target, trie, VOCAB, ids, mask, num_beams=k))
     assert (stats.accepted_steps + stats.rounds == 4).all()  # every round advances accepted + 1 codes
     assert (stats.accepted_steps <= stats.drafted_levels).all()
+    assert_per_code_counts_add_up(stats)
+
+
+def assert_per_code_counts_add_up(stats):
+    """Each code position is verified at most once a request, the last one never (it is the bonus step)."""
+    assert torch.equal(stats.accepted_at.sum(1), stats.accepted_steps)
+    assert ((stats.accepted_at <= stats.verified_at) & (stats.verified_at <= 1)).all()
+    assert (stats.verified_at[:, -1] == 0).all()
+    rejected = stats.verified_at - stats.accepted_at  # a rejection ends its round
+    assert (rejected.sum(1) <= stats.rounds).all()
 
 
 def test_a_draft_equal_to_the_target_is_accepted_at_every_level():
@@ -97,6 +107,7 @@ def test_a_draft_equal_to_the_target_is_accepted_at_every_level():
     for k, n in [(1, 1), (3, 3), (10, 10), (3, 8)]:
         _, stats = speculative_beam_search(target, target, trie, VOCAB, ids, mask, k, n, gamma=3)
         assert stats.target_calls.tolist() == [1, 1, 1] and stats.accepted_steps.tolist() == [3, 3, 3]
+        assert stats.accepted_at.tolist() == stats.verified_at.tolist() == [[1, 1, 1, 0]] * 3
         assert stats.draft_calls == 3  # one pass per tree level (the first one encodes the prompts), whole batch
     for k in [1, 3, 10]:  # relaxed: with N == K the draft's tree is the target's beam sample, at any temperature
         for temperature in [1.0, 0.5]:
@@ -227,6 +238,7 @@ def test_relaxed_items_are_always_valid_distinct_and_sorted_by_target_score(seed
                                             generator=torch.Generator().manual_seed(seed))
     assert_valid_distinct_sorted(result, trie, target, ids, mask)
     assert (stats.accepted_steps + stats.rounds == 4).all()
+    assert_per_code_counts_add_up(stats)
 
 
 def test_beam_sampling_returns_valid_distinct_items_sorted_by_target_score():

@@ -48,6 +48,8 @@ class SpecStats:  # totals for the batch; per-request tensors where noted
     accepted_steps: torch.Tensor  # [B] drafted levels accepted (sum over rounds)
     drafted_levels: torch.Tensor  # [B] drafted levels offered for verification
     rounds: torch.Tensor  # [B]
+    accepted_at: torch.Tensor  # [B, L] drafted levels accepted, by the code position they drafted
+    verified_at: torch.Tensor  # [B, L] drafted levels verified (accepted, or the one rejected), by code position
 
 
 # ---------------------------------------------------------------- draft
@@ -255,7 +257,9 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
     nodes = input_ids.new_zeros(B, K)
     depth = input_ids.new_zeros(B)
     stats = SpecStats(target_calls=input_ids.new_zeros(B), draft_calls=0, accepted_steps=input_ids.new_zeros(B),
-                      drafted_levels=input_ids.new_zeros(B), rounds=input_ids.new_zeros(B))
+                      drafted_levels=input_ids.new_zeros(B), rounds=input_ids.new_zeros(B),
+                      accepted_at=input_ids.new_zeros(B, L), verified_at=input_ids.new_zeros(B, L))
+    position = torch.arange(L, device=dev)  # code positions
     target_kv = draft_kv = None
     calls = 0
     while (depth < L).any():
@@ -290,6 +294,9 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
         stats.rounds[rows] += 1
         stats.accepted_steps[rows] += advanced - 1
         stats.drafted_levels[rows] += d
+        offset = (position - cur).unsqueeze(0)  # [1, L] level index inside this round's tree
+        stats.accepted_at[rows] += ((offset >= 0) & (offset < (advanced - 1).unsqueeze(1))).long()
+        stats.verified_at[rows] += ((offset >= 0) & (offset < advanced.clamp(max=d).unsqueeze(1))).long()
     items = torch.where(scores > NEG_INF, nodes, -1)  # the last trie step yields item ids
     if mode == "relaxed":
         codes, scores, items = sort_beams(codes, scores, items)
