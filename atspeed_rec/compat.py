@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import types
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -157,12 +158,23 @@ def load_split_dataloaders(config):
     return None
 
 
+def _quiet_known_warnings() -> None:
+    """RecBole 1.2.1's FutureWarnings on pandas 2.x / torch 2.x (chained assignment, `Series.agg(len)`,
+    `torch.cuda.amp.GradScaler`) and the one transformers raises when peft probes its renamed
+    `is_gradient_checkpointing`: printed on every run, nothing a user can act on. pandas 3, where
+    RecBole's chained assignments would stop working, is excluded by the install (setup.cfg). Scoped
+    to RecBole's modules and that one message; every other warning still shows."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def apply() -> None:
     """Apply every patch once; safe to call again."""
     global _APPLIED
     if _APPLIED:
         return
     _numpy_aliases()
+    _quiet_known_warnings()
     import recbole.config.configurator as configurator
     import recbole.data.dataset.dataset as dataset
     import recbole.trainer.trainer as trainer

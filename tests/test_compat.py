@@ -1,6 +1,8 @@
 """RecBole on numpy 2 / torch >= 2.6, with every patch scoped to RecBole."""
 
 import io
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -69,6 +71,20 @@ def test_recbole_does_not_leave_autograd_anomaly_detection_on():
 
     get_model_class("SASRec")  # imports RecBole's sequential models, sine.py among them
     assert not torch.is_anomaly_enabled()
+
+
+def test_recboles_known_future_warnings_are_silenced_and_no_others():
+    code = """import warnings
+import atspeed_rec
+for module in ("recbole.data.dataset.dataset", "recbole.trainer.trainer", "mylib"):
+    warnings.warn_explicit("from " + module, FutureWarning, "f.py", 1, module=module)
+warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarning, "g.py", 1, module="peft")
+warnings.warn_explicit("from recbole", UserWarning, "h.py", 1, module="recbole.config")
+"""
+    err = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
+                         check=True).stderr
+    assert "from recbole.data" not in err and "from recbole.trainer" not in err and "is_gradient" not in err
+    assert "FutureWarning: from mylib" in err and "UserWarning: from recbole" in err
 
 
 class Payload:
