@@ -30,3 +30,14 @@ def random_prompts(item_codes, vocab, batch, max_hist, seed):
     items = torch.where(torch.arange(max_hist) >= max_hist - lengths.unsqueeze(1), items, 0)
     tokens = vocab.history_tokens(item_codes, items)
     return tokens, (tokens != vocab.pad_id).long()
+
+
+def dedup_ids(n_items, codebook, seed):
+    """TIGER-style IDs: three random codes, then a fourth that only tells apart items sharing them."""
+    prefixes = torch.randint(0, codebook, (n_items, 3), generator=torch.Generator().manual_seed(seed))
+    seen: dict[tuple, int] = {}
+    last = []
+    for p in map(tuple, prefixes.tolist()):
+        last.append(seen.get(p, 0))
+        seen[p] = last[-1] + 1
+    return torch.cat([prefixes, torch.tensor(last).unsqueeze(1)], 1)

@@ -8,7 +8,7 @@ from atspeed_rec.decoding.hf_generate import hf_beam_search
 from atspeed_rec.models.item_embedding import ItemTokenEmbedding
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
-from random_models import random_ids, random_lm, random_prompts
+from random_models import dedup_ids, random_ids, random_lm, random_prompts
 
 
 @pytest.mark.parametrize("k,seed,item_vectors", [(1, 0, False), (3, 1, False), (10, 2, False), (10, 3, False),
@@ -27,3 +27,27 @@ def test_beam_search_returns_what_generate_returns(k, seed, item_vectors):
     assert torch.equal(ours.items, hf.items)
     torch.testing.assert_close(ours.scores, hf.scores, atol=1e-4, rtol=1e-4)
     assert (ours.items > 0).all() and torch.equal(trie.codes_of(ours.items), ours.codes)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_steps_the_trie_decides_for_every_beam_skip_the_model_and_change_nothing(k):
+    vocab = CodeVocab(levels=4, codebook_size=16)
+    codes = dedup_ids(300, 16, seed=k)
+    item_codes = torch.cat([torch.full((1, 4), -1), codes])
+    trie = CodeTrie(codes, 16, item_offset=1)
+    model = random_lm(vocab.size, k)
+    input_ids, mask = random_prompts(item_codes, vocab, batch=2, max_hist=5, seed=k)
+    ours = beam_search(model, trie, vocab, input_ids, mask, num_beams=k)
+    hf = hf_beam_search(model, trie, vocab, input_ids, mask, k)  # a model call at every step
+    assert torch.equal(ours.items, hf.items)
+    torch.testing.assert_close(ours.scores, hf.scores, atol=1e-4, rtol=1e-4)
+    if k == 1:  # one beam per request: at least its last code is the trie's (these prefixes have one item)
+        assert ours.forward_calls < 4
+
+
+def test_the_trie_names_the_one_code_a_prefix_allows():
+    trie = CodeTrie(torch.tensor([[0, 1], [0, 2], [1, 3]]), 4)
+    roots = trie.root_nodes(1)
+    assert trie.only_code(roots, 0).tolist() == [-1]  # 0 or 1
+    after = [trie.step(roots, torch.tensor([c]), 0) for c in (0, 1)]
+    assert trie.only_code(after[0], 1).tolist() == [-1] and trie.only_code(after[1], 1).tolist() == [3]

@@ -144,7 +144,7 @@ def test_breakdown_splits_each_search_into_its_labelled_stages(synth_root, in_tm
         assert target > 0 and verify > 0 and 99 <= target + draft + verify + other <= 101
         assert (draft > 0) == (search == "speculative")  # only speculative decoding runs a draft
     for mode, baseline in (("strict", "beam_search"), ("relaxed", "beam_sample")):
-        assert float(by[mode, baseline]["target calls"]) == 4  # one target pass per code level (sid_levels: 4)
+        assert 2 <= float(by[mode, baseline]["target calls"]) <= 4  # a pass per code level the trie leaves open
         assert 1 <= float(by[mode, "speculative"]["target calls"]) <= 4
         assert number(by[mode, "speculative"]["speedup"]) > 0
 

@@ -15,7 +15,7 @@ from atspeed_rec.decoding.speculative import accept_drafts, fill_beams, speculat
 from atspeed_rec.decoding.tree import DraftTree, cache_rows, prompt_positions, tree_forward
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
-from random_models import random_ids, random_lm, random_prompts
+from random_models import dedup_ids, random_ids, random_lm, random_prompts
 
 VOCAB = CodeVocab(levels=4, codebook_size=8)
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
@@ -87,7 +87,7 @@ def test_strict_mode_returns_exactly_what_beam_search_returns(seed, k, extra, ga
     spec, stats = speculative_beam_search(target, target if self_draft else draft, trie, VOCAB, ids, mask,
                                           num_beams=k, draft_beams=k + extra, gamma=gamma)
     assert_same_as_beam_search(spec, beam_search(target, trie, VOCAB, ids, mask, num_beams=k))
-    assert (stats.accepted_steps + stats.rounds == 4).all()  # every round advances accepted + 1 codes
+    assert (stats.accepted_steps + stats.rounds + stats.forced_steps == 4).all()  # a round advances accepted + 1
     assert (stats.accepted_steps <= stats.drafted_levels).all()
     assert_per_code_counts_add_up(stats)
 
@@ -126,6 +126,20 @@ def test_an_adversarial_draft_still_gives_the_exact_strict_output():
         assert_same_as_beam_search(spec, beam_search(target, trie, VOCAB, ids, mask, k))
         if k < 8:  # (with K >= 8 the draft keeps all 8 first codes, whatever it prefers)
             assert stats.accepted_steps.sum() * 4 < stats.drafted_levels.sum()  # mostly rejected
+
+
+def test_codes_the_trie_decides_end_a_request_without_a_round():
+    codes = dedup_ids(300, 16, seed=0)  # the 4th code only tells apart items sharing 3 codes
+    vocab = CodeVocab(levels=4, codebook_size=16)
+    trie = CodeTrie(codes, 16, item_offset=1)
+    target = random_lm(vocab.size, 0)
+    anti = copy.deepcopy(target)
+    anti.lm_head.weight.data.neg_()  # rejected at once: every round advances one code
+    ids, mask = random_prompts(torch.cat([torch.full((1, 4), -1), codes]), vocab, batch=4, max_hist=5, seed=0)
+    spec, stats = speculative_beam_search(target, anti, trie, vocab, ids, mask, num_beams=1, draft_beams=1, gamma=3)
+    assert_same_as_beam_search(spec, beam_search(target, trie, vocab, ids, mask, num_beams=1))
+    assert (stats.forced_steps >= 1).all() and torch.equal(stats.target_calls, stats.rounds)
+    assert (stats.accepted_steps + stats.rounds + stats.forced_steps == 4).all()
 
 
 def test_items_sharing_long_prefixes_are_found_like_beam_search_finds_them():
@@ -179,6 +193,8 @@ def test_with_more_than_k_accepted_the_kept_ones_are_drawn_from_p():
 
 def random_tree(batch, beams, depth, width, seed):
     g = torch.Generator().manual_seed(seed)
+    if depth == 0:
+        return DraftTree.empty(batch, width)
     parents = torch.stack([torch.randint(0, beams if j == 0 else width, (batch, width), generator=g)
                            for j in range(depth)], 1)
     codes = torch.randint(0, 8, (batch, depth, width), generator=g)
@@ -194,11 +210,31 @@ def path_logprobs(model, ids, mask, tokens):
     return torch.log_softmax(logits[:, -1, VOCAB.offset:].float(), -1)  # over the code tokens, as decoding does
 
 
-def test_the_one_pass_tree_forward_equals_a_forward_per_root_to_node_path():
+def cache_of_earlier_codes(target, ids, mask, beam_codes, n_cached):
+    """The cache beam search leaves before feeding the codes after the first `n_cached` of
+    `beam_codes [G, H, cur]`: the prompt, then level by level each beam's code plus a decoy token
+    nobody descends from; and the beams' cache indices `[G, H, n_cached]`."""
+    G, H, cur = beam_codes.shape
+    no_tree = DraftTree.empty(G)
+    ancestors = beam_codes.new_zeros(G, 1, 0)
+    _, _, cache = tree_forward(target, VOCAB, mask, ancestors, no_tree, prompt_ids=ids, ancestors=ancestors)
+    ancestors = beam_codes.new_zeros(G, H, 0)
+    for t in range(n_cached):
+        T = cache[0][0].shape[2]
+        decoy = torch.randint(0, 8, (G, 1, t + 1), generator=torch.Generator().manual_seed(t))
+        fed = torch.cat([beam_codes[:, :, :t + 1], decoy], 1)  # [G, H + 1, t + 1]
+        _, _, cache = tree_forward(target, VOCAB, mask, fed, no_tree, cache,
+                                   ancestors=torch.cat([ancestors, ancestors[:, :1]], 1))
+        ancestors = torch.cat([ancestors, (T + torch.arange(H)).view(1, H, 1).expand(G, H, 1)], -1)
+    return cache, ancestors
+
+
+@pytest.mark.parametrize("unfed", [None, 1, 2], ids=["prompt_cached", "newest_code_fed", "two_codes_fed"])
+def test_the_one_pass_tree_forward_equals_a_forward_per_root_to_node_path(unfed):
     codes, _, target, _ = world(3)
     ids, mask = prompts(codes, 2, 3)  # left-padded, different lengths
     width = 4
-    for cur, beams, depth in [(0, 1, 3), (1, 3, 2), (2, 3, 1)]:
+    for cur, beams, depth in [(0, 1, 3), (1, 3, 2), (2, 3, 1), (3, 2, 0)]:
         beam_codes = torch.randint(0, 8, (2, beams, cur), generator=torch.Generator().manual_seed(cur))
         tree = random_tree(2, beams, depth, width, seed=cur)
         with torch.no_grad():
@@ -207,6 +243,13 @@ def test_the_one_pass_tree_forward_equals_a_forward_per_root_to_node_path():
             assert all(k.shape[2] == v.shape[2] == ids.shape[1] for k, v in cache)
             if cur == 0:
                 lp_beams, lp_tree, _ = tree_forward(target, VOCAB, mask, beam_codes, tree, prompt_ids=ids)
+            elif unfed:  # only the last `unfed` codes are fed; the earlier ones (and decoys) are in the cache
+                fed = min(unfed, cur)
+                cache, ancestors = cache_of_earlier_codes(target, ids, mask, beam_codes, cur - fed)
+                T = cache[0][0].shape[2]
+                lp_beams, lp_tree, grown = tree_forward(target, VOCAB, mask, beam_codes, tree, cache,
+                                                        ancestors=ancestors)
+                assert grown[0][0].shape[2] == T + beams * fed + depth * width  # grown by what was fed
             else:
                 cache = cache_rows(cache, torch.arange(2))  # the prompt's KV, as later rounds use it
                 lp_beams, lp_tree, _ = tree_forward(target, VOCAB, mask, beam_codes, tree, cache)
@@ -237,7 +280,7 @@ def test_relaxed_items_are_always_valid_distinct_and_sorted_by_target_score(seed
                                             num_beams=k, draft_beams=k + extra, gamma=gamma, mode="relaxed",
                                             generator=torch.Generator().manual_seed(seed))
     assert_valid_distinct_sorted(result, trie, target, ids, mask)
-    assert (stats.accepted_steps + stats.rounds == 4).all()
+    assert (stats.accepted_steps + stats.rounds + stats.forced_steps == 4).all()
     assert_per_code_counts_add_up(stats)
 
 

@@ -4,8 +4,8 @@ One round, for the requests at depth `cur` with H current beams (codes and TARGE
 1. Draft: d = min(gamma, L - cur - 1) steps of width-N beam search from the current beams, starting
    from their target scores (strict: top-N of S + log q; relaxed: N sampled without replacement
    from softmax(S + log q), keeping that distribution q_j). A tree of d levels x N nodes.
-2. Target: ONE forward over the H beam paths + the N*d tree tokens (first round: the prompt as
-   well) with a tree attention mask (`tree.py`): its log-probs after every beam and tree node.
+2. Target: ONE forward over the H beams' newest codes + the N*d tree tokens (first round: the prompt
+   and the tree) with a tree attention mask (`tree.py`): its log-probs after every beam and tree node.
 3. Verify level i = 0..d. Strict: T_i = the top K of S_p(h) + log p(v | h), exactly what
    `beam_search` keeps; the level is accepted if every live pair of T_i is a drafted node, else
    (or at i == d, the bonus step) T_i is emitted and the round stops: lossless. Relaxed: each
@@ -17,10 +17,14 @@ One round, for the requests at depth `cur` with H current beams (codes and TARGE
    never drafted; relaxed mode keeps the target's top K there (`last_level` "top_k", the default)
    or samples K as the paper does ("sample").
 A round advances (accepted levels + 1) codes. Requests at the same depth share the round's calls;
-deeper ones wait (the shallowest depth goes first), finished ones leave the batch. Both models keep
-only their prompt KV: every pass re-feeds what follows it (`tree.tree_forward`), the beam paths
-(<= K * (L - 1) tokens) each round and, for the draft, the tree grown so far at each level: the draft
-is tiny, its cost is per call, and a few dozen re-fed tokens are cheaper than a cache per node.
+deeper ones wait (the shallowest depth goes first), finished ones leave the batch, and so does a
+request whose remaining codes the trie decides for every live beam (one valid code each: log-prob 0,
+no model needed; `beam_search` skips such steps too). The target's cache
+keeps every token it was fed (the tree included; rows of other rounds get padding): a new beam's codes
+are the root beam's, the accepted nodes' and the new one, so only the newest is fed, the others are
+found by cache index. The draft keeps only its prompt KV and re-feeds the beam paths and the tree grown
+so far at each level: it is tiny, its cost is per call, and a few dozen re-fed tokens cost it less
+than the bookkeeping.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import record_function
 
-from atspeed_rec.decoding.beam_search import (NEG_INF, STAGES, BeamResult, Beams, extend_beams,
+from atspeed_rec.decoding.beam_search import (NEG_INF, STAGES, BeamResult, Beams, extend_beams, forced_completion,
                                               masked_code_logprobs, select_top_k)
 from atspeed_rec.decoding.sampling import check_last_level, gumbel, gumbel_top_k, sample_top_k, sort_beams
 from atspeed_rec.decoding.tree import DraftTree, cache_rows, tree_forward
@@ -48,6 +53,7 @@ class SpecStats:  # totals for the batch; per-request tensors where noted
     accepted_steps: torch.Tensor  # [B] drafted levels accepted (sum over rounds)
     drafted_levels: torch.Tensor  # [B] drafted levels offered for verification
     rounds: torch.Tensor  # [B]
+    forced_steps: torch.Tensor  # [B] codes the trie decided alone (no round): accepted + rounds + forced = L
     accepted_at: torch.Tensor  # [B, L] drafted levels accepted, by the code position they drafted
     verified_at: torch.Tensor  # [B, L] drafted levels verified (accepted, or the one rejected), by code position
 
@@ -87,17 +93,20 @@ def draft_tree(draft, kv, prompt_mask, beams: Beams, trie: CodeTrie, vocab: Code
 # ---------------------------------------------------------------- verification
 
 
-def _emit(out, rows, beams: Beams, level: int):
-    """Write the beams of the `rows` that stop at verification `level` into `out`."""
-    out_codes, out_scores, out_nodes, out_adv = out
+def _emit(out, rows, beams: Beams, fed, level: int):
+    """Write the beams of the `rows` that stop at verification `level` into `out`, with the cache
+    indices `fed` of their codes but the newest (which no pass has fed yet)."""
+    out_codes, out_scores, out_nodes, out_adv, out_fed = out
     out_codes[rows, :, :beams.codes.shape[-1]] = beams.codes[rows]
+    out_fed[rows, :, :fed.shape[-1]] = fed[rows]
     out_scores[rows], out_nodes[rows], out_adv[rows] = beams.scores[rows], beams.nodes[rows], level + 1
 
 
 def _empty_out(beams: Beams, K: int, d: int):
     G, _, cur = beams.codes.shape
     codes = beams.codes.new_zeros(G, K, cur + d + 1)
-    return codes, beams.scores.new_full((G, K), NEG_INF), beams.nodes.new_zeros(G, K), beams.nodes.new_zeros(G)
+    return (codes, beams.scores.new_full((G, K), NEG_INF), beams.nodes.new_zeros(G, K), beams.nodes.new_zeros(G),
+            codes.new_zeros(G, K, cur + d))
 
 
 def _node_logprobs(lp_tree, level: int, node):
@@ -197,16 +206,19 @@ def relaxed_level(code_lp, scores, where, drafted, K: int, generator=None, tempe
     return flat // C, flat % C, score, node.masked_fill(~valid, 0), go_on
 
 
-def verify(lp_beams, lp_tree, tree: DraftTree, beams: Beams, K: int, trie: CodeTrie, vocab: CodeVocab,
-           mode: str = "strict", generator=None, temperature: float = 1.0, last_level: str = "top_k"):
+def verify(lp_beams, lp_tree, tree: DraftTree, beams: Beams, fed, tree_start: int, K: int, trie: CodeTrie,
+           vocab: CodeVocab, mode: str = "strict", generator=None, temperature: float = 1.0,
+           last_level: str = "top_k"):
     """Verification of one tree per request: at level i = 0..d the mode's rule (`strict_level`,
     `relaxed_level`) picks K pairs; the rows that stop emit them, the others go on from their tree nodes.
     At the ID's last code (always the bonus level: it is never drafted) relaxed mode keeps the top K
     when `last_level` is "top_k".
 
-    lp_beams `[G, H, L * C]`, lp_tree `[G, d, N, L * C]`: target log-probs after the beams and the nodes.
-    Returns the new beams `[G, K, cur + d + 1]` (codes past a row's new depth are 0; relaxed: in draw
-    order) and the number of codes each request advanced `[G]` (accepted levels + 1).
+    lp_beams `[G, H, L * C]`, lp_tree `[G, d, N, L * C]`: target log-probs after the beams and the nodes;
+    fed `[G, H, cur]`: the cache indices of the current beams' codes; tree node (j, n) is at cache index
+    tree_start + j*N + n. Returns the new beams `[G, K, cur + d + 1]` (codes past a row's new depth are 0;
+    relaxed: in draw order), the number of codes each request advanced `[G]` (accepted levels + 1) and
+    the cache indices of the new beams' codes but the newest `[G, K, cur + d]`.
     """
     rule = strict_level if mode == "strict" else partial(relaxed_level, generator=generator, temperature=temperature)
     last_rule = strict_level if last_level == "top_k" else rule  # the last code: top K (strict's bonus step)
@@ -221,16 +233,28 @@ def verify(lp_beams, lp_tree, tree: DraftTree, beams: Beams, K: int, trie: CodeT
         level_rule = last_rule if cur + i == vocab.levels - 1 else rule
         parent, code, score, where, go_on = level_rule(code_lp, beams.scores, where, drafted, K)  # [G, K], [G]
         beams = extend_beams(beams, parent, code, score, trie, cur + i)
-        _emit(out, running & ~go_on, beams, i)
+        fed = fed.gather(1, parent.unsqueeze(-1).expand(-1, -1, fed.shape[-1]))  # [G, K, cur + i]
+        _emit(out, running & ~go_on, beams, fed, i)
         running = running & go_on
         if not running.any():
             break
+        fed = torch.cat([fed, (tree_start + i * tree.codes.shape[-1] + where).unsqueeze(-1)], -1)  # + accepted node
         lp = _node_logprobs(lp_tree, i, where)
-    codes, scores, nodes, advanced = out
-    return Beams(codes, scores, nodes), advanced
+    codes, scores, nodes, advanced, fed = out
+    return Beams(codes, scores, nodes), advanced, fed
 
 
 # ---------------------------------------------------------------- the search
+
+
+def grow_rows(kv, grown, rows):
+    """The whole batch's cache `kv` `[B, ..., T, hd]` after a pass of `rows` only grew theirs to
+    `grown` `[G, ..., T + q, hd]`: the other rows get q padding entries, which nothing ever sees."""
+    out = []
+    for (k, v), (gk, gv) in zip(kv, grown):
+        pad = (0, 0, 0, gk.shape[2] - k.shape[2])
+        out.append((F.pad(k, pad).index_copy_(0, rows, gk), F.pad(v, pad).index_copy_(0, rows, gv)))
+    return out
 
 
 @torch.no_grad()
@@ -256,11 +280,13 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
     scores = torch.full((B, K), NEG_INF, device=dev)
     nodes = input_ids.new_zeros(B, K)
     depth = input_ids.new_zeros(B)
+    fed = input_ids.new_zeros(B, K, L)  # target cache index of each beam's codes (but the newest)
     stats = SpecStats(target_calls=input_ids.new_zeros(B), draft_calls=0, accepted_steps=input_ids.new_zeros(B),
                       drafted_levels=input_ids.new_zeros(B), rounds=input_ids.new_zeros(B),
+                      forced_steps=input_ids.new_zeros(B),
                       accepted_at=input_ids.new_zeros(B, L), verified_at=input_ids.new_zeros(B, L))
     position = torch.arange(L, device=dev)  # code positions
-    target_kv = draft_kv = None
+    target_kv = draft_kv = None  # the target's: every token fed (rows in other rounds get padding); the draft's: prompts
     calls = 0
     while (depth < L).any():
         cur = int(depth[depth < L].min())
@@ -271,23 +297,42 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
             beams = Beams(codes[rows, :1, :0], scores.new_zeros(G, 1), trie.root_nodes(G, 1))
         else:
             beams = Beams(codes[rows, :, :cur], scores[rows], nodes[rows])
+            done, path, last = forced_completion(trie, beams, cur)  # the trie decides the rest: no round
+            if done.any():
+                codes[rows[done], :, cur:], nodes[rows[done]], depth[rows[done]] = path[done], last[done], L
+                stats.forced_steps[rows[done]] = L - cur
+                rows = rows[~done]
+                if not len(rows):
+                    continue
+                G, mask = rows.numel(), attention_mask[rows]
+                beams = Beams(codes[rows, :, :cur], scores[rows], nodes[rows])
+        H, T = beams.codes.shape[1], input_ids.shape[1] if first else target_kv[0][0].shape[2]
         ids = input_ids[rows] if first else None
         d = min(gamma, L - cur - 1)
         with record_function(STAGES["draft"]):
             tree, kv = draft_tree(draft, None if first else cache_rows(draft_kv, rows), mask, beams, trie, vocab,
                                   d, N, mode, generator, temperature, ids)
         stats.draft_calls += d
-        with record_function(STAGES["target"]):
+        with record_function(STAGES["target"]):  # the beams' newest codes (their earlier ones are cached) + the tree
             lp_beams, lp_tree, kv_t = tree_forward(target, vocab, mask, beams.codes, tree,
-                                                   None if first else cache_rows(target_kv, rows), ids)
+                                                   None if first else cache_rows(target_kv, rows), ids,
+                                                   fed[rows, :H, :max(cur - 1, 0)])  # [G, H, cur - 1]
+            target_kv = kv_t if G == B else grow_rows(target_kv, kv_t, rows)
         if first:
-            draft_kv, target_kv = kv, kv_t
+            draft_kv = kv
         calls += 1
         with record_function(STAGES["verify"]):
-            new, advanced = verify(lp_beams, lp_tree, tree, beams, K, trie, vocab, mode, generator, temperature,
-                                   last_level)
+            if first:  # the prompt took cache indices 0..T-1, the tree follows
+                beams_fed, tree_start = fed[rows, :1, :0], T
+            else:  # beam h's newest code went in at T + h, the tree after them
+                newest = T + torch.arange(H, device=dev)
+                beams_fed = torch.cat([fed[rows, :, :cur - 1], newest.view(1, H, 1).expand(G, H, 1)], -1)
+                tree_start = T + H
+            new, advanced, new_fed = verify(lp_beams, lp_tree, tree, beams, beams_fed, tree_start, K, trie, vocab,
+                                            mode, generator, temperature, last_level)
         width = new.codes.shape[-1]
         codes[rows, :, :width] = new.codes
+        fed[rows, :, :width - 1] = new_fed
         scores[rows], nodes[rows] = new.scores, new.nodes
         depth[rows] += advanced
         stats.target_calls[rows] += 1

@@ -1,13 +1,15 @@
-"""Beam paths + a tree after a prompt, in ONE forward pass: the only way decoding feeds code tokens.
+"""Code tokens after a prompt in ONE forward pass (`tree_forward`): the only way decoding feeds them.
 
 The input (per request) is [the prompt, unless it is cached] + the H current beams' code paths
-(H chains of `cur` tokens) + the N*d tree tokens (level j, node n at index j*N + n). Every token
-sees the request's non-pad prompt, its own ancestors and itself; its position id is the prompt's
-last position + 1 + its depth. A plain path is a tree without branches: beam search feeds its K
-beams with an empty tree, the draft re-feeds the beams + the levels it has grown so far, the
-target verifies beams + the whole draft tree. The mask is built in full for the lean forward
-(`models/fast_forward.py`): additive float, shape [G, 1, q, cache + q], 0 where visible and
-dtype-min elsewhere.
+(H chains of `cur` tokens, or only each beam's newest code when the cache keeps the earlier ones)
++ the N*d tree tokens (level j, node n at index j*N + n). Every token sees the request's non-pad
+prompt, its own ancestors (fed now or found in the cache by index) and itself; its position id is
+the prompt's last position + 1 + its depth. Beam search feeds its beams' newest codes with an empty
+tree; the draft re-feeds the beams + the levels it has grown so far after its prompt cache; the
+target verifies the beams' newest codes + the whole draft tree. The cache is never copied or
+reordered per beam: every token fed stays in it, and masks pick each token's ancestors. The mask is
+built in full for the lean forward (`models/fast_forward.py`): additive float, shape
+[G, 1, q, cache + q], 0 where visible and dtype-min elsewhere.
 """
 
 from __future__ import annotations
@@ -73,36 +75,46 @@ def tree_ancestry(parents: torch.Tensor):
 
 
 def tree_inputs(vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes: torch.Tensor, tree: DraftTree,
-                prompt_ids: torch.Tensor | None = None, dtype=torch.float32):
-    """Tokens `[G, q]`, position ids `[G, q]`, additive 4-D mask `[G, 1, q, P + q]` (prompt in the cache,
-    or in the input when `prompt_ids` is given) and the indices `[H + dN]` of the outputs we need:
-    the last token of each beam (the prompt's last token when cur == 0), then every tree node."""
+                prompt_ids: torch.Tensor | None = None, dtype=torch.float32, ancestors: torch.Tensor | None = None,
+                cache_len: int = 0):
+    """Tokens `[G, q]`, position ids `[G, q]`, additive 4-D mask `[G, 1, q, T + q]` and the indices
+    `[H + dN]` of the outputs we need: the last token of each beam (the prompt's last token when
+    cur == 0), then every tree node. The cache (T tokens) holds the prompt; or the prompt is fed too
+    (`prompt_ids`, T = 0); or, with `ancestors [G, H, c]`, the cache of `cache_len` tokens also holds
+    each beam's first c codes at those indices and only the codes after them are fed (c = cur - 1:
+    the newest one)."""
     G, H, cur = beam_codes.shape
     _, d, N = tree.codes.shape
     dev, C = prompt_mask.device, vocab.codebook_size
+    fed = cur - ancestors.shape[-1] if ancestors is not None else cur  # path tokens fed per beam
     n_real = prompt_mask.long().sum(-1, keepdim=True)  # [G, 1] first free position
-    path_tok = vocab.tokens(beam_codes).flatten(1)  # [G, H*cur]
+    path_tok = vocab.tokens(beam_codes)[:, :, cur - fed:].flatten(1)  # [G, H*fed]
     tree_tok = (tree.codes + vocab.offset + (cur + torch.arange(d, device=dev)).view(1, d, 1) * C).flatten(1)
-    beam_of = torch.arange(H, device=dev).repeat_interleave(cur)  # [H*cur] beam of each path token
-    t_of = torch.arange(cur, device=dev).repeat(H)  # [H*cur] depth of each path token
-    path_pos = n_real + t_of  # [G, H*cur]
+    beam_of = torch.arange(H, device=dev).repeat_interleave(fed)  # [H*fed] beam of each path token
+    t_of = (cur - fed + torch.arange(fed, device=dev)).repeat(H)  # [H*fed] depth of each path token
+    path_pos = n_real + t_of  # [G, H*fed]
     tree_pos = (n_real + cur + torch.arange(d, device=dev).repeat_interleave(N)).expand(G, d * N)
     roots, tt = tree_ancestry(tree.parents)
-    pp = (beam_of.unsqueeze(1) == beam_of) & (t_of <= t_of.unsqueeze(1))  # [H*cur, H*cur] own path, causal
-    tp = roots.flatten(1).unsqueeze(-1) == beam_of  # [G, dN, H*cur] a node sees its root beam's path
-    pt = torch.zeros(G, H * cur, d * N, dtype=torch.bool, device=dev)
+    pp = (beam_of.unsqueeze(1) == beam_of) & (t_of <= t_of.unsqueeze(1))  # [H*fed, H*fed] own path, causal
+    tp = roots.flatten(1).unsqueeze(-1) == beam_of  # [G, dN, H*fed] a node sees its root beam's path
+    pt = torch.zeros(G, H * fed, d * N, dtype=torch.bool, device=dev)
     new_vis = torch.cat([torch.cat([pp.expand(G, -1, -1), pt], -1), torch.cat([tp, tt], -1)], 1)  # [G, Q, Q]
     Q, P = new_vis.shape[1], prompt_mask.shape[1]
     prompt_vis = prompt_mask.bool().unsqueeze(1).expand(G, Q, P)  # new tokens see the non-pad prompt
+    if ancestors is not None and prompt_ids is None:  # ... and their root beam's cached codes
+        cache_vis = torch.zeros(G, Q, cache_len, dtype=torch.bool, device=dev)
+        cache_vis[:, :, :P] = prompt_vis
+        root = torch.cat([beam_of.expand(G, -1), roots.flatten(1)], 1)  # [G, Q] the beam each token grows
+        prompt_vis = cache_vis.scatter_(2, ancestors.gather(1, root.unsqueeze(-1).expand(-1, -1, cur - fed)), True)
     tokens = torch.cat([path_tok, tree_tok], 1)
     positions = torch.cat([path_pos, tree_pos], 1)
     if cur == 0:
         last = torch.full((H,), -1, device=dev)  # the prompt's last token (H == 1)
     else:
-        last = torch.arange(H, device=dev) * cur + cur - 1
-    keep = torch.cat([last, H * cur + torch.arange(d * N, device=dev)])
+        last = torch.arange(H, device=dev) * fed + fed - 1
+    keep = torch.cat([last, H * fed + torch.arange(d * N, device=dev)])
     if prompt_ids is None:
-        vis = torch.cat([prompt_vis, new_vis], -1)  # [G, Q, P + Q]
+        vis = torch.cat([prompt_vis, new_vis], -1)  # [G, Q, T + Q]
     else:
         i = torch.arange(P, device=dev)
         causal = (i <= i.unsqueeze(1)) & prompt_mask.bool().unsqueeze(1) | (i == i.unsqueeze(1))  # [G, P, P]
@@ -115,26 +127,35 @@ def tree_inputs(vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes: torch.T
 
 
 def cache_rows(kv: KV, rows: torch.Tensor) -> KV:
-    """The cache `kv` (one (keys, values) `[B, ...]` per layer) of `rows` only."""
+    """The cache `kv` (one (keys, values) `[B, ...]` per layer) of `rows` (sorted, distinct) only."""
+    if len(rows) == kv[0][0].shape[0]:
+        return kv  # every row: no copy
     return [(k[rows], v[rows]) for k, v in kv]
 
 
 def tree_forward(model, vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes: torch.Tensor,
-                 tree: DraftTree, kv: KV | None = None, prompt_ids: torch.Tensor | None = None):
-    """ONE pass of `model` over beam paths `[G, H, cur]` + tree after the cached prompt `kv`, or after
-    the prompt `prompt_ids [G, P]` fed in the same pass (kv None; cur == 0 then, H == 1).
+                 tree: DraftTree, kv: KV | None = None, prompt_ids: torch.Tensor | None = None,
+                 ancestors: torch.Tensor | None = None):
+    """ONE pass of `model` over beam paths `[G, H, cur]` + tree after the cache `kv`, or after the
+    prompt `prompt_ids [G, P]` fed in the same pass (kv None; cur == 0 then, H == 1).
 
-    Returns code log-probs after each beam `[G, H, L * C]` (after the prompt when cur == 0), after each
-    tree node `[G, d, N, L * C]`, and the prompt's KV alone (`kv` itself, or the new prompt's): what
-    the next pass after the same prompt reuses.
+    Without `ancestors`, `kv` holds the prompt only, the whole paths are fed, and the prompt's KV alone
+    is returned (`kv` itself, or the new prompt's): what the next pass after the same prompt reuses.
+    With `ancestors [G, H, c]`, `kv` holds every token fed before (each beam's first c codes at those
+    indices), only the f = cur - c codes after them are fed (usually the newest), and the cache is
+    returned grown by this pass's tokens (the prompt first if fed, then beam h's codes at h*f..h*f+f-1,
+    then tree node (j, n) at H*f + jN + n). Log-probs of the codes after each beam `[G, H, L * C]`
+    (after the prompt when cur == 0) and after each tree node `[G, d, N, L * C]`.
     """
     G, H, _ = beam_codes.shape
     _, d, N = tree.codes.shape
     tokens, positions, mask, keep = tree_inputs(vocab, prompt_mask, beam_codes, tree, prompt_ids,
-                                                dtype=lm_dtype(model))
+                                                lm_dtype(model), ancestors, kv[0][0].shape[2] if kv else 0)
     logits, grown = lm_forward(model, vocab, tokens, positions, mask, kv, keep)
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # [G, H + dN, L * C]
-    if kv is None:
+    if ancestors is not None:
+        kv = grown
+    elif kv is None:
         P = prompt_mask.shape[1]
         kv = [(k[:, :, :P], v[:, :, :P]) for k, v in grown]  # cut back to the prompt
     return logprobs[:, :H], logprobs[:, H:].view(G, d, N, logprobs.shape[-1]), kv

@@ -35,6 +35,8 @@ class CodeTrie:
         self.codebook_size = codebook_size
         self.item_offset = item_offset
         self.children = self._build_children(codes, codebook_size, item_offset)
+        # per depth, each node's only allowed code, or -1 where it has several (or none)
+        self.only_child = [torch.where((c >= 0).sum(1) == 1, (c >= 0).int().argmax(1), -1) for c in self.children]
 
     @staticmethod
     def _build_children(codes: torch.Tensor, C: int, item_offset: int) -> list[torch.Tensor]:
@@ -57,6 +59,7 @@ class CodeTrie:
 
     def to(self, device) -> "CodeTrie":
         self.children = [c.to(device) for c in self.children]
+        self.only_child = [c.to(device) for c in self.only_child]
         self.codes = self.codes.to(device)
         return self
 
@@ -71,6 +74,11 @@ class CodeTrie:
     def allowed(self, nodes: torch.Tensor, depth: int) -> torch.Tensor:
         """`[..., C]` bool mask of the codes allowed after prefixes at `depth` with node ids `nodes`."""
         return self.children[depth][nodes] >= 0
+
+    def only_code(self, nodes: torch.Tensor, depth: int) -> torch.Tensor:
+        """`[...]` the one code allowed after prefixes at `depth` with node ids `nodes`, -1 where there
+        are several: there the prefix decides the code, whatever a model would say."""
+        return self.only_child[depth][nodes]
 
     def step(self, nodes: torch.Tensor, codes: torch.Tensor, depth: int) -> torch.Tensor:
         """Child node ids (item ids at the last depth) after appending `codes`; -1 where invalid."""
