@@ -19,12 +19,12 @@ One round, for the requests at depth `cur` with H current beams (codes and TARGE
 A round advances (accepted levels + 1) codes. Requests at the same depth share the round's calls;
 deeper ones wait (the shallowest depth goes first), finished ones leave the batch, and so does a
 request whose remaining codes the trie decides for every live beam (one valid code each: log-prob 0,
-no model needed; `beam_search` skips such steps too). The target's cache
-keeps every token it was fed (the tree included; rows of other rounds get padding): a new beam's codes
-are the root beam's, the accepted nodes' and the new one, so only the newest is fed, the others are
-found by cache index. The draft keeps only its prompt KV and re-feeds the beam paths and the tree grown
-so far at each level: it is tiny, its cost is per call, and a few dozen re-fed tokens cost it less
-than the bookkeeping.
+no model needed; `beam_search` skips such steps too). The target's cache keeps every token it was
+fed (the tree included; rows of other rounds get padding): a new beam's codes are the root beam's,
+the accepted nodes' and the new one, so only the newest is fed, the others are found by cache index.
+The draft keeps only its prompt KV and re-feeds the beam paths and the tree grown so far at each
+level: it is tiny, its cost is per call, and a few dozen re-fed tokens cost it less than the
+bookkeeping.
 """
 
 from __future__ import annotations
