@@ -42,6 +42,27 @@ def test_beam_code_logits_equal_one_forward_per_beam():
             torch.testing.assert_close(got[b, k], want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("ids_kind", ["random", "last_code_decided_by_the_trie"])
+def test_beam_search_keeps_the_distributions_teacher_forcing_gives_along_its_beams(ids_kind):
+    if ids_kind == "random":
+        trie, target, _, ids, mask = world()
+        vocab = VOCAB
+    else:  # no last step calls the model: its kept distribution must still be the model's (0 on one code)
+        vocab = CodeVocab(levels=4, codebook_size=16)
+        prefixes = random_ids(300, 3, 16, seed=0)  # distinct: every item is alone under its first 3 codes
+        codes = torch.cat([prefixes, torch.zeros(300, 1, dtype=torch.long)], 1)
+        trie, target = CodeTrie(codes, 16, item_offset=1), random_lm(vocab.size, 0)
+        ids, mask = random_prompts(torch.cat([torch.full((1, 4), -1), codes]), vocab, 3, 5, 0)
+    beams = beam_search(target, trie, vocab, ids, mask, 6, keep_logprobs=True)
+    valid = beams.items > 0
+    want = masked_log_softmax(beam_code_logits(target, vocab, ids, mask, beams.codes), allowed_along(trie, beams.codes))
+    got = beams.code_logprobs  # [3, 6, 4, C]
+    assert valid.sum() >= 12 and torch.equal(got[valid].isinf(), want[valid].isinf())
+    torch.testing.assert_close(got[valid].nan_to_num(neginf=0), want[valid].nan_to_num(neginf=0), atol=1e-4, rtol=1e-4)
+    if ids_kind != "random":
+        assert beams.forward_calls == 3  # the 4th code came from the trie alone
+
+
 def test_teacher_data_round_trips_the_targets_distributions_through_its_packed_storage():
     trie, target, _, ids, mask = world()
     beams = beam_search(target, trie, VOCAB, ids, mask, 6)

@@ -1,11 +1,11 @@
 """Teacher data: the target's top-K_train beams for training samples, and its distributions along them.
 
 For each selected training sample (a RecBole training row: a user's history -> next item), the
-frozen target's trie-constrained beam search gives its K_train best items; the target's masked
-next-code log-probabilities at every position along those beams (`positions.py`) are kept as
-well, so the draft stage never runs the target again. Cached as safetensors, keyed by the
-target checkpoint and the properties that select the samples; generated in batches with a
-progress bar, each rank of a `--nproc` run generating its share.
+frozen target's trie-constrained beam search gives its K_train best items and the masked next-code
+log-probabilities it computed at every position along those beams (the search's own: no second
+pass over the prompts), so the draft stage never runs the target again. Cached as safetensors,
+keyed by the target checkpoint and the properties that select the samples; generated in batches
+with a progress bar, each rank of a `--nproc` run generating its share.
 
 Storage: the log-probs of the ALLOWED codes only (the trie allows few codes below level 0),
 flat in float16, in row-major order of the mask `allowed & stored_positions`; level 0 is the same
@@ -24,9 +24,8 @@ from recbole.utils import set_color
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from atspeed_rec.alignment.losses import masked_log_softmax
 from atspeed_rec.atomic import atomic_write, atomic_write_json, file_sha256, verified
-from atspeed_rec.alignment.positions import allowed_along, beam_code_logits
+from atspeed_rec.alignment.positions import allowed_along
 from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -136,12 +135,11 @@ def generate_teacher(target, rows, k_train: int, batch_size: int, show_progress:
     for start in tqdm(starts, desc=set_color("Teacher data", "pink"), ncols=100, disable=not show_progress):
         inter = rows[start:start + batch_size].to(device)
         input_ids, mask = target.prompt(inter)
-        beams = beam_search(target.lm, trie, target.vocab, input_ids, mask, k_train)
+        beams = beam_search(target.lm, trie, target.vocab, input_ids, mask, k_train, keep_logprobs=True)
         valid = beams.items > 0  # [b, K]
         codes = torch.where(valid.unsqueeze(-1), beams.codes, beams.codes[:, :1])  # [b, K, L]
-        logits = beam_code_logits(target.lm, target.vocab, input_ids, mask, codes)  # [b, K, L, C]
-        allowed = allowed_along(trie, codes)
-        logp = masked_log_softmax(logits, allowed)
+        logp = torch.where(valid.view(*valid.shape, 1, 1), beams.code_logprobs, beams.code_logprobs[:, :1])
+        allowed = allowed_along(trie, codes)  # [b, K, L, C]; logp is -inf elsewhere
         stored = allowed & stored_positions(*codes.shape, device=device).unsqueeze(-1)
         parts["users"].append(inter[target.USER_ID].cpu())
         parts["items"].append(inter[target.POS_ITEM_ID].cpu())

@@ -38,6 +38,8 @@ class BeamResult:
     codes: torch.Tensor  # [B, K, L]
     scores: torch.Tensor  # [B, K] cumulative log-probabilities (-inf for missing beams)
     forward_calls: int  # target forward passes for the whole batch
+    code_logprobs: torch.Tensor | None = None  # [B, K, L, C] with keep_logprobs: the (renormalised) distribution
+    # of code l after each beam's first l codes, the step's own (teacher data needs no second pass)
 
 
 @dataclass
@@ -100,18 +102,21 @@ def extend_beams(beams: Beams, parent: torch.Tensor, code: torch.Tensor, score: 
 
 @torch.no_grad()
 def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor, num_beams: int, select=select_top_k, last_select=None) -> BeamResult:
+                attention_mask: torch.Tensor, num_beams: int, select=select_top_k, last_select=None,
+                keep_logprobs: bool = False) -> BeamResult:
     """Top-`num_beams` valid items for each left-padded prompt `input_ids [B, P]`.
 
     `select(beam_scores, code_lp, k) -> (parent, code, score)` keeps k (parent, code) pairs per
     step: the top k here, k sampled without replacement for beam sampling (`sampling.py`);
-    `last_select` (default: `select`) keeps the k items at the last code.
+    `last_select` (default: `select`) keeps the k items at the last code. `keep_logprobs`: also
+    return each final beam's code distributions along its path (`BeamResult.code_logprobs`).
     """
     B, K, L, C, dev = input_ids.shape[0], num_beams, vocab.levels, vocab.codebook_size, input_ids.device
     beams = Beams(input_ids.new_zeros(B, 1, 0), torch.zeros(B, 1, device=dev), trie.root_nodes(B, 1))
     no_tree = DraftTree.empty(B, device=dev)
     ancestors = input_ids.new_zeros(B, 1, 0)  # [B, H, c] cache index of each beam's codes fed so far
     kv = None  # the prompts' KV, then every code token fed: shared by the beams, indexed by `ancestors`
+    path_lp = torch.zeros(B, 1, 0, C, device=dev)  # [B, H, level, C] each beam's distributions so far
     calls = 0
     for level in range(L):
         if level and forced(trie, beams, level):  # no model call: each live beam has one valid code
@@ -131,8 +136,12 @@ def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor
             parent, code, score = pick(beams.scores, code_lp, K)
             beams = extend_beams(beams, parent, code, score, trie, level)  # [B, K, level + 1]
             ancestors = ancestors.gather(1, parent.unsqueeze(-1).expand(-1, -1, ancestors.shape[-1]))  # children's
+            if keep_logprobs:  # the parent's distributions, then the one its new code was drawn from
+                path_lp = torch.cat([path_lp, code_lp.unsqueeze(2)], 2)  # [B, H, level + 1, C]
+                path_lp = path_lp.gather(1, parent.view(B, K, 1, 1).expand(-1, -1, level + 1, C))  # [B, K, ., C]
     items = torch.where(beams.scores > NEG_INF, beams.nodes, -1)  # the last trie step yields item ids
-    return BeamResult(items=items, codes=beams.codes, scores=beams.scores, forward_calls=calls)
+    return BeamResult(items=items, codes=beams.codes, scores=beams.scores, forward_calls=calls,
+                      code_logprobs=path_lp if keep_logprobs else None)
 
 
 def forced(trie: CodeTrie, beams: Beams, level: int) -> bool:
