@@ -1,11 +1,13 @@
-"""Linear layers that run on oneDNN-prepacked weights at inference on CPU: the same outputs, faster.
+"""Linear layers that run on oneDNN-prepacked weights at inference on CPU: the same model, faster.
 
 `F.linear` on CPU gives oneDNN the weight in PyTorch's row-major layout on every call; a weight
 reordered once into oneDNN's own blocked layout (what inductor's freezing pass does) skips that work.
-At decoding's shapes (1-100 rows) the matmuls of SmolLM2's layers took 0.6-0.75 of their plain time
-in bf16 and 0.5-0.7 in float32, and a whole K = 10 decode step of the LLM target 39 ms instead of
-72 (AMD EPYC, 2 cores; docs/benchmarks.md). Outputs are `F.linear`'s: bit for bit in bf16, up to
-float32 rounding at one or two rows, where plain `F.linear` takes another kernel (tests).
+On the LLM target (SmolLM2-135M + LoRA, bf16, AMD EPYC, 2 cores, 100 test users at batch 1,
+interleaved: `benchmarks/packed.py`) the target-only beam search was 1.06x (K = 1) and 1.12x
+(K = 10) faster, strict speculative decoding 1.14x and 1.11x. The matmuls compute the same
+products; bf16 outputs matched `F.linear`'s bit for bit at the shapes tested, float32 ones at one or
+two rows differ in the last bit (another kernel), so near-tied beams may swap, as they do between
+batch sizes (docs/benchmarks.md, bf16 strictness).
 
 `prepack_linears(model)` turns each `nn.Linear` of a model into a `PackedLinear` (the class only:
 same parameters, state dict, peft wrapping and training path). Its packed copy is made on the first
@@ -24,7 +26,7 @@ PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def packing_available() -> bool:
-    """True where this torch has oneDNN's CPU linear ops (x86 and ARM builds of PyTorch)."""
+    """True where this torch build has oneDNN's CPU linear ops."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 

@@ -46,7 +46,7 @@ class AtSpeedS(ProjectModel):
         super().__init__(config, dataset)
         self.target = GenRec(config, dataset)  # trained by its own recipe (pipeline.py), read-only here
         self.draft = build_draft(config, self.target.vocab, self.target.lm)
-        prepack_linears(self.draft)  # as the target's: faster inference passes, same outputs
+        prepack_linears(self.draft)  # as the target's: prepacked weights for inference passes
         self.num_beams = self.target.num_beams  # K of the test split
         # K of the draft's validation: at K = N nothing is accepted whatever the draft, at K = 10 drafts separate
         self.valid_beams = min(int(config["draft_valid_beams"]), self.num_beams)
