@@ -2,11 +2,14 @@
 
 import json
 import math
+import time
 
 import torch
 from recbole.data import create_dataset, data_preparation
 
 from atspeed_rec.decoding.beam_search import beam_search
+from atspeed_rec.decoding.speculative import speculative_beam_search
+from atspeed_rec.recbole_glue import atspeed
 from atspeed_rec.recbole_glue.atspeed import AtSpeedS
 from atspeed_rec.recbole_glue.checkpoint import load_checkpoint
 from atspeed_rec.recbole_glue.cli import main
@@ -86,3 +89,36 @@ def test_fewer_draft_beams_than_target_beams_is_refused(synth_root, in_tmp_dir, 
 def test_a_non_positive_sampling_temperature_is_refused(synth_root, in_tmp_dir, capsys):
     assert run(synth_root, "AtSpeedR", in_tmp_dir / "x.json", sample_temperature=0) == 2
     assert "sample_temperature=0.0" in capsys.readouterr().err
+
+
+def test_the_test_pass_serves_the_fastest_of_the_candidate_trees(synth_root, in_tmp_dir, monkeypatch):
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "s.json") == 0  # trains; the tuning below decodes only
+    config = build_config("AtSpeedS", "synth", [str(synth_root / "synth.yaml")],
+                          {"data_path": str(synth_root), **SMALL, "tree_candidates": [[20, 1], [20, 3]],
+                           "tree_tuning_requests": 3})
+    train, _, test = data_preparation(config, create_dataset(config))
+    model = AtSpeedS(config, train._dataset)
+    load_checkpoint(model, next((in_tmp_dir / "saved").glob("AtSpeedS-synth-*.safetensors")))
+    model.eval()
+    model.start_evaluation("test")
+    delay = {(40, 1): 0.03, (20, 1): 0.0, (20, 3): 0.06}  # seconds added per request: (20, 1) is the fastest
+    served = []
+
+    def slowed(*args, **kwargs):
+        served.append(args[7:9])  # (N, gamma)
+        time.sleep(delay[args[7:9]])
+        return speculative_beam_search(*args, **kwargs)
+
+    monkeypatch.setattr(atspeed, "speculative_beam_search", slowed)
+    with torch.no_grad():
+        for batch, *_ in test:
+            model.full_sort_predict(batch)
+    assert served[:12].count((20, 3)) == 4 and served[:12].count((40, 1)) == 4  # 4 requests (1 warm-up) x 3 trees
+    assert (model.draft_beams, model.gamma) == (20, 1) and set(served[12:]) == {(20, 1)}  # then served alone
+
+
+def test_candidate_trees_narrower_than_k_or_malformed_are_refused(synth_root, in_tmp_dir, capsys):
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "x.json", tree_candidates="[[10,1]]") == 2
+    assert "N >= num_beams=20" in capsys.readouterr().err
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "y.json", tree_candidates="[20]") == 2
+    assert "not a list of [N, gamma] pairs" in capsys.readouterr().err

@@ -30,6 +30,8 @@ NOT_WEIGHTS = {
     "train_compile": "how the same training steps run (fused kernels): float noise only",
     "draft_beams": "the serving tree's width: the draft is validated on its own tree (draft_valid_width)",
     "gamma": "the serving tree's depth: the draft is validated on its own tree (draft_valid_gamma)",
+    "tree_candidates": "serving trees timed before the test pass: the draft is validated on its own tree",
+    "tree_tuning_requests": "how many test requests time the serving trees",
     "sample_temperature": "relaxed serving only: draft validation decodes strictly",
     "relaxed_last_level": "relaxed serving only: draft validation decodes strictly",
 }

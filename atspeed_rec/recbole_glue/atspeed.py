@@ -9,7 +9,11 @@ and the acceptance statistics (`SpecMeter`).
 
 from __future__ import annotations
 
+import logging
+import statistics
+
 import torch
+import torch.distributed as dist
 from recbole.utils import InputType
 
 from atspeed_rec.alignment.objective import AlignConfig, draft_loss
@@ -32,6 +36,20 @@ DRAFT_KEYS = ("draft_n_layers", "draft_hidden_size", "draft_n_heads", "draft_inn
 # validated on a tree of its own (strict, draft_valid_*), so serving settings are tuned without retraining.
 TEACHER_KEYS = ("K_train", "teacher_per_user", "teacher_users")  # which samples, how many beams
 ALIGN_KEYS = ("align_loss", "alpha", "tau", "beta", "distillspec_divergence", *TEACHER_KEYS)
+
+
+def parse_trees(value, num_beams: int) -> list[tuple[int, int]]:
+    """`tree_candidates` as (N, gamma) pairs, each a tree the K = `num_beams` search can be served with."""
+    try:
+        trees = [(int(n), int(gamma)) for n, gamma in (value or [])]
+    except (TypeError, ValueError):
+        raise ConfigError(f"tree_candidates={value!r} is not a list of [N, gamma] pairs; fix: e.g. "
+                          "--tree_candidates='[[20,1],[40,1],[20,3]]', or [] to serve draft_beams and gamma") from None
+    bad = [tree for tree in trees if tree[0] < num_beams or tree[1] < 1]
+    if bad:
+        raise ConfigError(f"tree_candidates {bad}: every tree needs N >= num_beams={num_beams} and gamma >= 1; "
+                          f"fix: drop them or raise their N to {num_beams}")
+    return trees
 
 
 class AtSpeedS(ProjectModel):
@@ -58,6 +76,9 @@ class AtSpeedS(ProjectModel):
                               f"must propose at least the K target beams; fix: --draft_beams={self.num_beams}")
         if self.gamma < 1:
             raise ConfigError(f"gamma={self.gamma}: the draft must propose at least one level; fix: --gamma=1")
+        self.tree_candidates = parse_trees(config["tree_candidates"], self.num_beams)
+        self.tree_tuning_requests = int(config["tree_tuning_requests"])
+        self.tree_tuned = not self.tree_candidates  # tuned at the first test batch when there are candidates
         self.temperature = float(config["sample_temperature"])
         if not self.temperature > 0:
             raise ConfigError(f"sample_temperature={self.temperature}: relaxed sampling divides scores by it; "
@@ -110,6 +131,8 @@ class AtSpeedS(ProjectModel):
 
     def full_sort_predict(self, interaction):
         input_ids, mask = self.target.prompt(interaction)
+        if self.phase == "test" and not self.tree_tuned:
+            self.tune_tree(input_ids, mask)
         (beams, stats), spec_seconds = timed(lambda: self.speculative(input_ids, mask), input_ids.device)
         target_seconds = None
         if self.spec_meter.timed_batches < self.timed_batches:  # the same batch, target only
@@ -120,6 +143,34 @@ class AtSpeedS(ProjectModel):
         if self.phase == "test":
             self.time_single_requests(input_ids, mask)
         return beams_to_scores(beams, self.n_items)  # [B, n_items]
+
+    def tune_tree(self, input_ids, mask) -> None:
+        """Serve the fastest tree of `tree_candidates` and the configured one: each decodes the batch's
+        first `tree_tuning_requests` requests alone (batch 1), the trees interleaved per request, after one
+        warm-up request; the median time per request decides. Under DDP rank 0's choice is every rank's."""
+        trees = list(dict.fromkeys([(self.draft_beams, self.gamma), *self.tree_candidates]))
+        device, times = input_ids.device, {tree: [] for tree in trees}
+        generator = torch.Generator(device).manual_seed(self.seed + 2)  # the evaluation's samples are unchanged
+        rows = min(len(input_ids), self.tree_tuning_requests + 1)
+        for row in range(rows):
+            ids, m = trim_left(input_ids[row:row + 1], mask[row:row + 1])
+            for n, gamma in trees[row % len(trees):] + trees[:row % len(trees)]:
+                _, seconds = timed(lambda: speculative_beam_search(  # noqa: B023 (called at once)
+                    self.target.lm, self.draft, self.target.trie, self.target.vocab, ids, m, self.num_beams, n,
+                    gamma, mode=self.verification, generator=generator, temperature=self.temperature,
+                    last_level=self.last_level), device)
+                if row or rows == 1:  # the first request warms up
+                    times[(n, gamma)].append(seconds)
+        ms = {tree: 1e3 * statistics.median(t) for tree, t in times.items()}
+        choice = [min(ms, key=ms.get)]
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+        self.draft_beams, self.gamma = choice[0]
+        self.tree_tuned = True
+        logging.getLogger().info(
+            f"serving tree: N={self.draft_beams}, gamma={self.gamma}, the fastest of "
+            + ", ".join(f"N {n} gamma {g}: {t:.1f} ms" for (n, g), t in ms.items())
+            + f" (median over {max(rows - 1, 1)} test requests decoded alone)")
 
     def time_single_requests(self, input_ids, mask) -> None:
         """The paper's speedup: requests of the test split decoded alone (batch 1), target-only and

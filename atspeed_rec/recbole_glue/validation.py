@@ -126,6 +126,7 @@ RULES = (
     _int("num_beams", 1, "beam search needs at least 1 beam"),
     _int("draft_beams", 1, "the draft needs at least 1 beam"),
     _int("gamma", 1, "the draft must propose at least one level"),
+    _int("tree_tuning_requests", 1, "timing the candidate trees needs at least 1 test request"),
     _int("K_train", 1, "the teacher data needs at least 1 beam per sample", "set --K_train=20 (the default) or "
                                                                               "another value of 1 or more"),
     _int("teacher_per_user", 0, "alignment samples per user cannot be negative (0 = every training row)",
@@ -212,6 +213,9 @@ def check_choices(config) -> None:
         if draft_beams < num_beams:  # as AtSpeedS.__init__ words it
             raise ConfigError(f"draft_beams={draft_beams} < num_beams={num_beams}: the draft "
                               f"must propose at least the K target beams; fix: --draft_beams={num_beams}")
+        from atspeed_rec.recbole_glue.atspeed import parse_trees
+
+        parse_trees(config["tree_candidates"], num_beams)  # each [N, gamma] pair servable at K, or its own message
         from atspeed_rec.alignment.losses import ALIGN_LOSSES, DISTILLSPEC_DIVERGENCES
         from atspeed_rec.decoding.sampling import LAST_LEVELS
 
