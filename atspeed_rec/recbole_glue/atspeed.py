@@ -3,8 +3,9 @@
 The models hold the target (frozen), the draft and the decoding settings; how they are trained
 (target, teacher data, draft) is the pipeline's job (`pipeline.py`). Evaluation decodes with
 speculative beam search (strict top-K verification for AtSpeedS, relaxed sampling verification
-for AtSpeedR) and reports beside Recall and NDCG the speedup over the target's own beam search
-and the acceptance statistics (`SpecMeter`).
+for AtSpeedR) on the serving tree (`draft_beams`, `gamma`; or, with `tree_candidates`, the fastest
+of those trees timed on the first test requests) and reports beside Recall and NDCG the speedup over
+the target's own beam search and the acceptance statistics (`SpecMeter`).
 """
 
 from __future__ import annotations
