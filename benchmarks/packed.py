@@ -62,7 +62,7 @@ def benchmark(args) -> None:
         ms = {name: 1e3 * seconds for name, (seconds, _) in res.items()}
         for what in ("search", "speculative"):
             same = sum(torch.equal(a.items, b.items) for a, b in zip(res[f"{what} plain"][1], res[f"{what} packed"][1]))
-            rows.append([k, f"{what}" + (f" (N {n}, gamma {gamma})" if what == "speculative" else ""),
+            rows.append([k, what + (f" (N {n}, gamma {gamma})" if what == "speculative" else ""),
                          f"{ms[f'{what} plain']:.1f}", f"{ms[f'{what} packed']:.1f}",
                          f"{ms[f'{what} plain'] / ms[f'{what} packed']:.2f}x", f"{same}/{len(requests)}"])
         rows.append([k, "speedup (search / speculative)", f"{ms['search plain'] / ms['speculative plain']:.2f}x",

@@ -145,6 +145,12 @@ class AtSpeedS(ProjectModel):
             self.time_single_requests(input_ids, mask)
         return beams_to_scores(beams, self.n_items)  # [B, n_items]
 
+    def serve_alone(self, ids, mask, n: int, gamma: int, generator):
+        """One test request `[1, P]` decoded as served (mode, K, temperature) on the tree (n, gamma)."""
+        return speculative_beam_search(self.target.lm, self.draft, self.target.trie, self.target.vocab, ids, mask,
+                                       self.num_beams, n, gamma, mode=self.verification, generator=generator,
+                                       temperature=self.temperature, last_level=self.last_level)
+
     def tune_tree(self, input_ids, mask) -> None:
         """Serve the fastest tree of `tree_candidates` and the configured one: each decodes the batch's
         first `tree_tuning_requests` requests alone (batch 1), the trees interleaved per request, after one
@@ -156,10 +162,7 @@ class AtSpeedS(ProjectModel):
         for row in range(rows):
             ids, m = trim_left(input_ids[row:row + 1], mask[row:row + 1])
             for n, gamma in trees[row % len(trees):] + trees[:row % len(trees)]:
-                _, seconds = timed(lambda: speculative_beam_search(  # noqa: B023 (called at once)
-                    self.target.lm, self.draft, self.target.trie, self.target.vocab, ids, m, self.num_beams, n,
-                    gamma, mode=self.verification, generator=generator, temperature=self.temperature,
-                    last_level=self.last_level), device)
+                _, seconds = timed(lambda: self.serve_alone(ids, m, n, gamma, generator), device)  # noqa: B023
                 if row or rows == 1:  # the first request warms up
                     times[(n, gamma)].append(seconds)
         ms = {tree: 1e3 * statistics.median(t) for tree, t in times.items()}
@@ -187,10 +190,7 @@ class AtSpeedS(ProjectModel):
                 return
             ids, m = trim_left(input_ids[row:row + 1], mask[row:row + 1])
             target = (lambda: beam_search(self.target.lm, self.target.trie, self.target.vocab, ids, m, self.num_beams))
-            spec = (lambda: speculative_beam_search(
-                self.target.lm, self.draft, self.target.trie, self.target.vocab, ids, m, self.num_beams,
-                self.draft_beams, self.gamma, mode=self.verification, generator=generator,
-                temperature=self.temperature, last_level=self.last_level))
+            spec = (lambda: self.serve_alone(ids, m, self.draft_beams, self.gamma, generator))
             if done == 0 and not meter.warmed_up:
                 target(), spec()
                 meter.warmed_up = True
