@@ -22,6 +22,17 @@ def random_lm(vocab_size, seed, layers=2, hidden=32, scale=4.0):
     return model
 
 
+def random_qwen(family: str, vocab_size: int, seed: int):
+    """A tiny random Qwen2 (biased q/k/v projections) or Qwen3 (per-head q/k norms) causal LM: the other
+    Llama-family models `pretrained_path` may name."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[family]
+    torch.manual_seed(seed)
+    return model_class(config_class(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    max_position_embeddings=256, pad_token_id=0)).eval()
+
+
 def random_prompts(item_codes, vocab, batch, max_hist, seed):
     g = torch.Generator().manual_seed(seed)
     n = item_codes.shape[0]

@@ -20,7 +20,7 @@ import ceiling  # noqa: E402
 import common  # noqa: E402
 import decoders  # noqa: E402
 import frontier  # noqa: E402
-import packed  # noqa: E402
+import fused  # noqa: E402
 import precision  # noqa: E402
 import semantic_ids  # noqa: E402
 import speculative  # noqa: E402
@@ -252,15 +252,15 @@ def test_ceiling_times_every_pass_and_the_free_draft_ceiling(synth_root, in_tmp_
             search / float(by[f"target prompt + {t}"]["ms"]), rel=0.1)  # ms rounded to 0.01
 
 
-def test_packed_times_plain_and_prepacked_layers_on_the_same_requests(synth_root, in_tmp_dir):
+def test_fused_times_the_modules_and_the_fused_weights_on_the_same_requests(synth_root, in_tmp_dir):
     argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--ks=1,3", "--trees=3:6:2", "--requests=4",
                     "--warmup=1")
-    assert packed.main(argv) == 0
+    assert fused.main(argv) == 0
     (rows,) = tables(in_tmp_dir / "table.md")
     assert [(r["K"], r["decoder"].split(" (")[0]) for r in rows] == [
         (k, d) for k in ("1", "3") for d in ("search", "speculative", "speedup")]
     assert rows[4]["decoder"] == "speculative (N 6, gamma 2)"  # the tree --trees names for K = 3
     for r in rows:
-        assert number(r["plain ms"]) > 0 and number(r["prepacked ms"]) > 0
+        assert number(r["modules ms"]) > 0 and number(r["fused ms"]) > 0
         if r["decoder"] != "speedup (search / speculative)":
             assert r["same top-K"].endswith("/4") and int(r["same top-K"].split("/")[0]) >= 3  # float32 target

@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 from atspeed_rec.models.fast_forward import additive_mask, causal_prompt_mask, lm_forward
 from atspeed_rec.models.vocab import CodeVocab
-from random_models import random_lm
+from random_models import random_lm, random_qwen
 
 VOCAB = CodeVocab(levels=3, codebook_size=13)  # 40 tokens: PAD + 39 codes
 
@@ -82,12 +82,7 @@ def test_a_lora_wrapped_model_runs_through_its_adapters():
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_other_llama_family_models_run_through_the_lean_forward_unchanged(family):
     """Qwen2 (biased q/k/v projections) and Qwen3 (per-head q/k norms): what `pretrained_path` may name."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
-    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[family]
-    torch.manual_seed(7)
-    model = model_class(config_class(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                     max_position_embeddings=256, pad_token_id=0)).eval()
+    model = random_qwen(family, 40, seed=7)
     for p in model.parameters():
         p.data.mul_(4.0)  # sharper than the default init, as random_lm does
     ids, mask = left_padded(seed=8)

@@ -225,7 +225,8 @@ def test_predict_scores_the_log_probability_of_an_items_codes(synth_root, tiny_l
     with torch.no_grad():
         beams = model.generate(batch)
         batch.interaction["item_id"] = beams.items[:, 0]
-        torch.testing.assert_close(model.predict(batch), beams.scores[:, 0], atol=1e-4, rtol=1e-4)
+        # decoding runs the fused weights (LoRA merged, prepacked), predict the modules: float32 rounding apart
+        torch.testing.assert_close(model.predict(batch), beams.scores[:, 0], atol=1e-3, rtol=1e-3)
 
 
 # ---- checkpoints -----------------------------------------------------------------------------

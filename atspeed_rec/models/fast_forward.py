@@ -3,9 +3,10 @@
 Decoding here calls tiny models many times on a few tokens each. transformers' forward spends
 most of such a call outside the matmuls (cache objects, mask pre-processing, output classes), so
 the draft cost as much per call as the target and speculative decoding could not win. This
-forward runs the SAME modules (embeddings, norms, projections, MLP, LoRA-wrapped layers alike)
-and the same rotary embedding, with the KV cache as a list of (keys, values) tensors
-`[B, kv_heads, T, head_dim]` per layer and an additive 4-D mask built by the caller.
+forward runs the same modules (embeddings, norms, attention, rotary embedding) with the KV cache as
+a list of (keys, values) tensors `[B, kv_heads, T, head_dim]` per layer and an additive 4-D mask
+built by the caller; on a CPU each block's projections run as 4 fused matmuls (`fused.py`: LoRA
+merged, q/k/v and gate/up concatenated, prepacked), elsewhere as the modules themselves.
 Equality with transformers' forward is a test (`tests/test_fast_forward.py`).
 """
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from atspeed_rec.models.fused import fused_blocks
 from atspeed_rec.models.vocab import CodeVocab
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -76,6 +78,7 @@ def lm_forward(model, vocab: CodeVocab, tokens: torch.Tensor, positions: torch.T
     kv: the cache of T tokens, or None. Returns logits `[B, len(keep), L * C]` and the new KV.
     """
     decoder, _ = llama_parts(model)
+    fused = fused_blocks(decoder)  # [n_layers] of 4 matmuls each, or None: call the modules
     B, Q = tokens.shape
     h = decoder.embed_tokens(tokens)  # [B, Q, D]
     cos, sin = decoder.rotary_emb(h, positions)
@@ -83,20 +86,23 @@ def lm_forward(model, vocab: CodeVocab, tokens: torch.Tensor, positions: torch.T
     for i, layer in enumerate(decoder.layers):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(B, Q, -1, attn.head_dim)  # [B, Q, heads, hd]
-        k = attn.k_proj(x).view(B, Q, -1, attn.head_dim)  # [B, Q, kv_heads, hd]
+        q, k, v = fused[i].project_qkv(x) if fused else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+        q = q.view(B, Q, -1, attn.head_dim)  # [B, Q, heads, hd]
+        k = k.view(B, Q, -1, attn.head_dim)  # [B, Q, kv_heads, hd]
         if hasattr(attn, "q_norm"):  # Qwen3 and kin: RMSNorm of each head's query and key before RoPE
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, Q, hd], [B, kv_heads, Q, hd]
-        v = attn.v_proj(x).view(B, Q, -1, attn.head_dim).transpose(1, 2)
+        v = v.view(B, Q, -1, attn.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if kv is not None:
             k, v = torch.cat([kv[i][0], k], 2), torch.cat([kv[i][1], v], 2)
         new_kv.append((k, v))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
                                            enable_gqa=attn.num_key_value_groups > 1)  # [B, heads, Q, hd]
-        h = h + attn.o_proj(o.transpose(1, 2).reshape(B, Q, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        o = o.transpose(1, 2).reshape(B, Q, -1)
+        h = h + (fused[i].o(o) if fused else attn.o_proj(o))
+        x = layer.post_attention_layernorm(h)
+        h = h + (fused[i].mlp(x) if fused else layer.mlp(x))
     if keep is not None:
         h = h[:, -keep:] if isinstance(keep, int) else h[:, keep]
     return code_logits(model, vocab, decoder.norm(h)), new_kv

@@ -23,7 +23,6 @@ from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.decoding.speculative import speculative_beam_search
 from atspeed_rec.errors import ConfigError
 from atspeed_rec.models.draft import build_draft
-from atspeed_rec.models.packed import prepack_linears
 from atspeed_rec.recbole_glue.base import ProjectModel
 from atspeed_rec.recbole_glue.genrec import GenRec, trim_left, beams_to_scores
 from atspeed_rec.recbole_glue.metrics import SpecMeter, timed
@@ -65,7 +64,6 @@ class AtSpeedS(ProjectModel):
         super().__init__(config, dataset)
         self.target = GenRec(config, dataset)  # trained by its own recipe (pipeline.py), read-only here
         self.draft = build_draft(config, self.target.vocab, self.target.lm)
-        prepack_linears(self.draft)  # as the target's: prepacked weights for inference passes
         self.num_beams = self.target.num_beams  # K of the test split
         # K of the draft's validation: at K = N nothing is accepted whatever the draft, at K = 10 drafts separate
         self.valid_beams = min(int(config["draft_valid_beams"]), self.num_beams)

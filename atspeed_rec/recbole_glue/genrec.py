@@ -23,7 +23,6 @@ from atspeed_rec.models.compiled import CompiledBlocks
 from atspeed_rec.models.fast_forward import hidden_code_logits
 from atspeed_rec.models.item_embedding import ItemTokenEmbedding
 from atspeed_rec.models.lm import build_lm
-from atspeed_rec.models.packed import prepack_linears
 from atspeed_rec.models.precision import resolve_dtype
 from atspeed_rec.models.pretrained import build_pretrained, save_trained_part_only
 from atspeed_rec.models.sequences import TrainingWindows
@@ -81,7 +80,6 @@ class GenRec(ProjectModel):
         self._trie: CodeTrie | None = None
         self.register_buffer("prefix_nodes", self._prefix_nodes(), persistent=False)  # [n_items, L]
         self.length_buckets = 4  # forward passes per batch, grouped by window length
-        prepack_linears(self.lm)  # inference matmuls on oneDNN-prepacked weights: ~10% faster decoding on CPU
         self.compiled = CompiledBlocks(self.lm, bool(config["train_compile"]))  # training steps only
         if self.pretrained:  # checkpoints hold LoRA, new-token rows and buffers, not the backbone
             save_trained_part_only(self)
