@@ -10,8 +10,9 @@ arithmetic, is what costs. Here each block's projections become 4 matmuls on wei
 
 and on a CPU with oneDNN each is reordered once into oneDNN's blocked layout (what inductor's freezing
 pass does), so no call re-reads a row-major weight. On the LLM target (SmolLM2-135M + LoRA, bf16, AMD
-EPYC, 2 cores, batch 1) the target-only beam search took 1.57x less time, a decode step 1.67x less,
-a pass over the prompt + 30 tree tokens 1.35x less (`benchmarks/fused.py`, docs/benchmarks.md).
+EPYC, 2 cores, batch 1, 100 test users) the target-only beam search ran 1.60x (K = 1) and 1.77x
+(K = 10) faster than through the modules, strict speculative decoding 1.50x and 1.58x
+(`benchmarks/fused.py`, docs/benchmarks.md).
 
 Merging rounds W + s B A to the backbone's dtype once, where the modules add the float32 adapter
 output to a bf16 product: logits move by bf16 noise (on that target no farther from a float32 forward
