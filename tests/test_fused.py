@@ -131,3 +131,11 @@ def test_training_gradients_do_not_go_through_the_fused_weights():
     prompt_logits(model)
     blocks = fused_blocks(llama_parts(model)[0])
     assert not any(m.weight.requires_grad for b in blocks for m in (b.qkv, b.o, b.gate_up, b.down))
+
+
+def test_an_empty_batch_gives_empty_outputs_of_the_right_width():
+    model = lora_lm(seed=8)
+    block = fused_blocks(llama_parts(model)[0])[0]
+    q, k, v = block.project_qkv(torch.zeros(0, 3, 32))
+    assert (q.shape, k.shape, v.shape) == ((0, 3, 32), (0, 3, 16), (0, 3, 16))
+    assert block.mlp(torch.zeros(2, 0, 32)).shape == (2, 0, 32)

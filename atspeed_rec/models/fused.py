@@ -50,16 +50,20 @@ class Matmul:
     weight: torch.Tensor  # [out, in], or oneDNN's opaque packed tensor
     bias: torch.Tensor | None
     packed: bool
+    out_features: int
 
     @classmethod
     def of(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Matmul":
         weight = weight.detach().contiguous()
         bias = None if bias is None else bias.detach().to(weight.dtype).contiguous()
+        out = weight.shape[0]
         if weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES and packing_available():
-            return cls(torch.ops.mkldnn._reorder_linear_weight(weight, 16), bias, True)  # 16: a row-count hint
-        return cls(weight, bias, False)
+            return cls(torch.ops.mkldnn._reorder_linear_weight(weight, 16), bias, True, out)  # 16: a row-count hint
+        return cls(weight, bias, False, out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:  # no rows: oneDNN refuses an empty input
+            return x.new_zeros(*x.shape[:-1], self.out_features)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
