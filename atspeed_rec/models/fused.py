@@ -117,9 +117,8 @@ def _weight_and_bias(module: nn.Module):
     return weight, base.bias
 
 
-def _concat(modules: list[nn.Module]) -> Matmul:
-    """The modules side by side: one matmul whose output is theirs concatenated."""
-    parts = [_weight_and_bias(m) for m in modules]
+def _concat(parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> Matmul:
+    """(W, b) pairs side by side: one matmul whose output is theirs concatenated."""
     weight = torch.cat([w for w, _ in parts])
     if all(b is None for _, b in parts):
         return Matmul.of(weight, None)
@@ -139,10 +138,10 @@ def _block_modules(layer: nn.Module):
 def _build(decoder: nn.Module) -> list[FusedBlock]:
     blocks = []
     for layer in decoder.layers:
-        q, k, v, o, gate, up, down = _block_modules(layer)
-        widths = tuple(int(_weight_and_bias(m)[0].shape[0]) for m in (q, k, v))
-        blocks.append(FusedBlock(qkv=_concat([q, k, v]), split=widths, o=_concat([o]),
-                                 gate_up=_concat([gate, up]), down=_concat([down]), act=layer.mlp.act_fn))
+        q, k, v, o, gate, up, down = (_weight_and_bias(m) for m in _block_modules(layer))  # each merged once
+        blocks.append(FusedBlock(qkv=_concat([q, k, v]), split=tuple(int(w.shape[0]) for w, _ in (q, k, v)),
+                                 o=_concat([o]), gate_up=_concat([gate, up]), down=_concat([down]),
+                                 act=layer.mlp.act_fn))
     return blocks
 
 
