@@ -1,6 +1,7 @@
 """AtSpeedS / AtSpeedR through RecBole: target reuse, strict equivalence, speed metrics."""
 
 import json
+import logging
 import math
 import time
 
@@ -91,8 +92,10 @@ def test_a_non_positive_sampling_temperature_is_refused(synth_root, in_tmp_dir, 
     assert "sample_temperature=0.0" in capsys.readouterr().err
 
 
-def test_the_test_pass_serves_the_fastest_of_the_candidate_trees(synth_root, in_tmp_dir, monkeypatch):
-    assert run(synth_root, "AtSpeedS", in_tmp_dir / "s.json") == 0  # trains; the tuning below decodes only
+def tuning_model(synth_root, in_tmp_dir) -> tuple[AtSpeedS, list]:
+    """A trained AtSpeedS about to test, with candidate trees (20, 1) and (20, 3) beside its own (40, 1),
+    and the test split's batches."""
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "s.json") == 0  # trains; the tuning decodes only
     config = build_config("AtSpeedS", "synth", [str(synth_root / "synth.yaml")],
                           {"data_path": str(synth_root), **SMALL, "tree_candidates": [[20, 1], [20, 3]],
                            "tree_tuning_requests": 3})
@@ -101,7 +104,11 @@ def test_the_test_pass_serves_the_fastest_of_the_candidate_trees(synth_root, in_
     load_checkpoint(model, next((in_tmp_dir / "saved").glob("AtSpeedS-synth-*.safetensors")))
     model.eval()
     model.start_evaluation("test")
-    delay = {(40, 1): 0.03, (20, 1): 0.0, (20, 3): 0.06}  # seconds added per request: (20, 1) is the fastest
+    return model, [batch for batch, *_ in test]
+
+
+def slow_trees(monkeypatch, delay: dict) -> list:
+    """Each speculative search sleeps `delay[(N, gamma)]` seconds first; returns the trees served, in order."""
     served = []
 
     def slowed(*args, **kwargs):
@@ -110,11 +117,35 @@ def test_the_test_pass_serves_the_fastest_of_the_candidate_trees(synth_root, in_
         return speculative_beam_search(*args, **kwargs)
 
     monkeypatch.setattr(atspeed, "speculative_beam_search", slowed)
+    return served
+
+
+def test_the_test_pass_serves_the_fastest_of_the_candidate_trees(synth_root, in_tmp_dir, monkeypatch):
+    model, batches = tuning_model(synth_root, in_tmp_dir)
+    served = slow_trees(monkeypatch, {(40, 1): 0.03, (20, 1): 0.0, (20, 3): 0.06})  # (20, 1) is the fastest
     with torch.no_grad():
-        for batch, *_ in test:
+        for batch in batches:
             model.full_sort_predict(batch)
     assert served[:12].count((20, 3)) == 4 and served[:12].count((40, 1)) == 4  # 4 requests (1 warm-up) x 3 trees
     assert (model.draft_beams, model.gamma) == (20, 1) and set(served[12:]) == {(20, 1)}  # then served alone
+
+
+def test_the_tuning_warns_when_no_tree_beats_the_targets_own_search(synth_root, in_tmp_dir, monkeypatch, caplog):
+    model, batches = tuning_model(synth_root, in_tmp_dir)
+    batch = batches[0]
+    slow_trees(monkeypatch, {(40, 1): 0.2, (20, 1): 0.2, (20, 3): 0.2})  # every tree slower than the target
+    with torch.no_grad(), caplog.at_level(logging.INFO):
+        model.full_sort_predict(batch)
+    assert "the target's own search:" in caplog.text  # the bar is in the log line of the tuning
+    assert "no candidate tree is faster than the target's own beam search at K=20" in caplog.text
+
+    model.tree_tuned = False  # tune again: now the target is the slow one
+    monkeypatch.setattr(model, "target_alone", lambda *a: time.sleep(0.2))
+    slow_trees(monkeypatch, {(40, 1): 0.0, (20, 1): 0.0, (20, 3): 0.0})
+    caplog.clear()
+    with torch.no_grad(), caplog.at_level(logging.INFO):
+        model.tune_tree(*model.target.prompt(batch))
+    assert "serving tree" in caplog.text and "no candidate tree" not in caplog.text
 
 
 def test_candidate_trees_narrower_than_k_or_malformed_are_refused(synth_root, in_tmp_dir, capsys):

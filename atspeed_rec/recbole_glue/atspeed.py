@@ -149,30 +149,48 @@ class AtSpeedS(ProjectModel):
                                        self.num_beams, n, gamma, mode=self.verification, generator=generator,
                                        temperature=self.temperature, last_level=self.last_level)
 
+    def target_alone(self, ids, mask):
+        """One test request `[1, P]` decoded by the target's own beam search at the served K: what
+        `speedup` (and the tree tuning) compares the speculative search against."""
+        return beam_search(self.target.lm, self.target.trie, self.target.vocab, ids, mask, self.num_beams)
+
     def tune_tree(self, input_ids, mask) -> None:
         """Serve the fastest tree of `tree_candidates` and the configured one: each decodes the batch's
-        first `tree_tuning_requests` requests alone (batch 1), the trees interleaved per request, after one
-        warm-up request; the median time per request decides. Under DDP rank 0's choice is every rank's."""
+        first `tree_tuning_requests` requests alone (batch 1), the trees and the target's own search
+        interleaved per request, after one warm-up request; the median time per request decides, and a
+        warning says so when no tree beats the target's search. Under DDP rank 0's choice is every rank's."""
         trees = list(dict.fromkeys([(self.draft_beams, self.gamma), *self.tree_candidates]))
-        device, times = input_ids.device, {tree: [] for tree in trees}
+        entries = [*trees, None]  # None: the target's own search, the time a tree has to beat
+        device, times = input_ids.device, {entry: [] for entry in entries}
         generator = torch.Generator(device).manual_seed(self.seed + 2)  # the evaluation's samples are unchanged
         rows = min(len(input_ids), self.tree_tuning_requests + 1)
         for row in range(rows):
             ids, m = trim_left(input_ids[row:row + 1], mask[row:row + 1])
-            for n, gamma in trees[row % len(trees):] + trees[:row % len(trees)]:
-                _, seconds = timed(lambda: self.serve_alone(ids, m, n, gamma, generator), device)  # noqa: B023
+            for entry in entries[row % len(entries):] + entries[:row % len(entries)]:
+                decode = ((lambda: self.target_alone(ids, m)) if entry is None  # noqa: B023 (called at once)
+                          else (lambda: self.serve_alone(ids, m, *entry, generator)))  # noqa: B023
+                _, seconds = timed(decode, device)
                 if row or rows == 1:  # the first request warms up
-                    times[(n, gamma)].append(seconds)
-        ms = {tree: 1e3 * statistics.median(t) for tree, t in times.items()}
+                    times[entry].append(seconds)
+        ms = {entry: 1e3 * statistics.median(t) for entry, t in times.items()}
+        target_ms = ms.pop(None)
         choice = [min(ms, key=ms.get)]
         if dist.is_available() and dist.is_initialized():
             dist.broadcast_object_list(choice, src=0)
         self.draft_beams, self.gamma = choice[0]
         self.tree_tuned = True
-        logging.getLogger().info(
-            f"serving tree: N={self.draft_beams}, gamma={self.gamma}, the fastest of "
-            + ", ".join(f"N {n} gamma {g}: {t:.1f} ms" for (n, g), t in ms.items())
-            + f" (median over {max(rows - 1, 1)} test requests decoded alone)")
+        log = logging.getLogger()
+        log.info(f"serving tree: N={self.draft_beams}, gamma={self.gamma}, the fastest of "
+                 + ", ".join(f"N {n} gamma {g}: {t:.1f} ms" for (n, g), t in ms.items())
+                 + f" (the target's own search: {target_ms:.1f} ms; median over {max(rows - 1, 1)} test requests"
+                 " decoded alone)")
+        if ms[choice[0]] >= target_ms:
+            log.warning(
+                f"no candidate tree is faster than the target's own beam search at K={self.num_beams} on this "
+                f"machine ({ms[choice[0]]:.1f} vs {target_ms:.1f} ms a request decoded alone): expect a speedup "
+                "below 1x. Speculative decoding pays where a target pass over a few dozen extra tokens costs "
+                "little more than a decode step: a smaller K (topk), a CPU with AMX-BF16, a GPU, a larger "
+                "target (docs/benchmarks.md)")
 
     def time_single_requests(self, input_ids, mask) -> None:
         """The paper's speedup: requests of the test split decoded alone (batch 1), target-only and
@@ -187,7 +205,7 @@ class AtSpeedS(ProjectModel):
             if done >= self.single_requests:
                 return
             ids, m = trim_left(input_ids[row:row + 1], mask[row:row + 1])
-            target = (lambda: beam_search(self.target.lm, self.target.trie, self.target.vocab, ids, m, self.num_beams))
+            target = (lambda: self.target_alone(ids, m))
             spec = (lambda: self.serve_alone(ids, m, self.draft_beams, self.gamma, generator))
             if done == 0 and not meter.warmed_up:
                 target(), spec()
