@@ -135,7 +135,7 @@ def test_the_tuning_warns_when_no_tree_beats_the_targets_own_search(synth_root, 
     batch = batches[0]
     slow_trees(monkeypatch, {(40, 1): 0.2, (20, 1): 0.2, (20, 3): 0.2})  # every tree slower than the target
     with torch.no_grad(), caplog.at_level(logging.INFO):
-        model.full_sort_predict(batch)
+        model.tune_tree(*model.target.prompt(batch))
     assert "the target's own search:" in caplog.text  # the bar is in the log line of the tuning
     assert "no candidate tree is faster than the target's own beam search at K=20" in caplog.text
 
