@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -167,8 +168,8 @@ class AtSpeedS(ProjectModel):
         for row in range(rows):
             ids, m = trim_left(input_ids[row:row + 1], mask[row:row + 1])
             for entry in entries[row % len(entries):] + entries[:row % len(entries)]:
-                decode = ((lambda: self.target_alone(ids, m)) if entry is None  # noqa: B023 (called at once)
-                          else (lambda: self.serve_alone(ids, m, *entry, generator)))  # noqa: B023
+                decode = (partial(self.target_alone, ids, m) if entry is None
+                          else partial(self.serve_alone, ids, m, *entry, generator))
                 _, seconds = timed(decode, device)
                 if row or rows == 1:  # the first request warms up
                     times[entry].append(seconds)
