@@ -15,6 +15,7 @@ from test_genrec_pretrained import save_tiny_lm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import alignment  # noqa: E402
 import beam_search  # noqa: E402
+import bound  # noqa: E402
 import breakdown  # noqa: E402
 import ceiling  # noqa: E402
 import common  # noqa: E402
@@ -114,6 +115,19 @@ def test_frontier_times_every_draft_tree(synth_root, in_tmp_dir):
         assert all(v == "-" or 0 <= float(v) <= 1 for v in r["acceptance by code"].split(" / "))
         assert len(r["acceptance by code"].split(" / ")) == 3
     assert (in_tmp_dir / "plot.png").stat().st_size > 0
+
+
+def test_bound_compares_strict_verification_with_and_without_it_on_the_same_requests(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--ks=1,3", "--trees=3:6:2", "--requests=4",
+                    "--warmup=1")
+    assert bound.main(argv) == 0
+    (rows,) = tables(in_tmp_dir / "table.md")
+    assert [(r["K"], r["N"], r["gamma"], r["rule"]) for r in rows] == [
+        ("1", "40", "1", "plain"), ("1", "40", "1", "bound"), ("3", "6", "2", "plain"), ("3", "6", "2", "bound")]
+    for r in rows:
+        assert number(r["speedup"]) > 0 and r["identical (of 4)"] == "4"  # strict: beam search's items, both rules
+        assert 0 <= number(r["of which by the bound"]) <= number(r["accepted steps"]) <= 3
+        assert r["rule"] == "bound" or number(r["of which by the bound"]) == 0
 
 
 def test_alignment_trains_a_draft_per_loss_and_compares_it_with_none(synth_root, in_tmp_dir):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from atspeed_rec.alignment.positions import allowed_along
 from atspeed_rec.decoding.beam_search import beam_search, masked_log_softmax
 from atspeed_rec.decoding.sampling import beam_sample
-from atspeed_rec.decoding.speculative import accept_drafts, fill_beams, speculative_beam_search
+from atspeed_rec.decoding.speculative import accept_drafts, drop_unreachable, fill_beams, speculative_beam_search
 from atspeed_rec.decoding.tree import DraftTree, cache_rows, prompt_positions, tree_forward
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
@@ -80,16 +80,57 @@ def assert_valid_distinct_sorted(result, trie, model, ids, mask):
 
 @SETTINGS
 @given(seed=st.integers(0, 3), k=st.sampled_from([1, 3, 10]), extra=st.sampled_from([0, 1, 7, 15]),
-       gamma=st.integers(1, 3), batch=st.sampled_from([1, 3]), self_draft=st.booleans())
-def test_strict_mode_returns_exactly_what_beam_search_returns(seed, k, extra, gamma, batch, self_draft):
+       gamma=st.integers(1, 3), batch=st.sampled_from([1, 3]), self_draft=st.booleans(), bound=st.booleans())
+def test_strict_mode_returns_exactly_what_beam_search_returns(seed, k, extra, gamma, batch, self_draft, bound):
     codes, trie, target, draft = world(seed)
     ids, mask = prompts(codes, batch, seed)
     spec, stats = speculative_beam_search(target, target if self_draft else draft, trie, VOCAB, ids, mask,
-                                          num_beams=k, draft_beams=k + extra, gamma=gamma)
+                                          num_beams=k, draft_beams=k + extra, gamma=gamma, bound=bound)
     assert_same_as_beam_search(spec, beam_search(target, trie, VOCAB, ids, mask, num_beams=k))
     assert (stats.accepted_steps + stats.rounds + stats.forced_steps == 4).all()  # a round advances accepted + 1
     assert (stats.accepted_steps <= stats.drafted_levels).all()
+    assert (stats.bounded_steps <= stats.accepted_steps).all() and (bound or not stats.bounded_steps.any())
     assert_per_code_counts_add_up(stats)
+
+
+def test_undrafted_pairs_are_dropped_only_when_the_next_top_k_provably_excludes_their_children():
+    scores = torch.tensor([[-1.0, -2.0, -5.0]] * 3)  # T_i of K = 3, best first; the third pair was not drafted
+    held = torch.tensor([[True, True, False]] * 3)
+    code_lp = torch.full((3, 3, 4), float("-inf"))  # [G, K, C] the target's log-probs after each pair
+    code_lp[0, :2, :2] = torch.tensor([-0.4, -1.1])  # 3rd best child: -2.4 > -5, the undrafted pair's score
+    code_lp[1, 0, :2], code_lp[1, 1, 0] = torch.tensor([-0.1, -2.4]), -0.1  # 3rd best child: -3.4 > -5
+    code_lp[2, 0, :2], code_lp[2, 1, 0] = torch.tensor([-0.1, -4.5]), -0.1  # 3rd best child: -5.5 < -5: may lose
+    new, new_held, dropped = drop_unreachable(scores, held, code_lp, 3)
+    assert dropped.tolist() == [True, True, False]
+    assert new[:2, 2].tolist() == [float("-inf")] * 2 and new_held[:2].all()
+    assert torch.equal(new[2], scores[2]) and torch.equal(new_held[2], held[2])
+    tie = code_lp.clone()
+    tie[1, 0, 1] = -4.0  # 3rd best child -5.0 == the undrafted pair's score: its child could tie, keep it
+    assert not drop_unreachable(scores, held, tie, 3)[2][1]
+    few = torch.full_like(code_lp, float("-inf"))
+    few[:, 0, 0] = -0.1  # fewer than K children known: nothing can be dropped
+    assert not drop_unreachable(scores, held, few, 3)[2].any()
+
+
+def test_the_bound_accepts_more_levels_and_keeps_the_exact_strict_output():
+    """A peaked target and a noisy copy as draft: the draft misses some of the target's weaker beams."""
+    codes, trie, target, _ = world(0)
+    target = copy.deepcopy(target)
+    target.lm_head.weight.data.mul_(3)
+    draft = copy.deepcopy(target)
+    noise = torch.randn(draft.lm_head.weight.shape, generator=torch.Generator().manual_seed(0))
+    draft.lm_head.weight.data.add_(noise * draft.lm_head.weight.data.std())
+    ids, mask = prompts(codes, 8, 0)
+    for k, n, gamma in [(3, 5, 3), (5, 6, 2)]:
+        ref = beam_search(target, trie, VOCAB, ids, mask, k)
+        (plain, plain_stats), (bounded, stats) = (
+            speculative_beam_search(target, draft, trie, VOCAB, ids, mask, k, n, gamma, bound=b) for b in (False, True))
+        for out in (plain, bounded):
+            assert torch.equal(out.items, ref.items)
+            torch.testing.assert_close(out.scores, ref.scores, atol=1e-4, rtol=1e-5)  # |S| ~ 30 here
+        assert stats.bounded_steps.sum() > 0
+        assert stats.accepted_steps.sum() > plain_stats.accepted_steps.sum()
+        assert stats.target_calls.sum() < plain_stats.target_calls.sum()
 
 
 def assert_per_code_counts_add_up(stats):

@@ -7,8 +7,11 @@ One round, for the requests at depth `cur` with H current beams (codes and TARGE
 2. Target: ONE forward over the H beams' newest codes + the N*d tree tokens (first round: the prompt
    and the tree) with a tree attention mask (`tree.py`): its log-probs after every beam and tree node.
 3. Verify level i = 0..d. Strict: T_i = the top K of S_p(h) + log p(v | h), exactly what
-   `beam_search` keeps; the level is accepted if every live pair of T_i is a drafted node, else
-   (or at i == d, the bonus step) T_i is emitted and the round stops: lossless. Relaxed: each
+   `beam_search` keeps; the level is accepted if every live pair of T_i is a drafted node, or if the
+   pairs that are not cannot reach T_{i+1} (each child scores <= its parent's S, as log p <= 0: when
+   the K-th best child of the drafted pairs scores above every undrafted pair, none of their children
+   is in T_{i+1}, so they are dropped), else (or at i == d, the bonus step) T_i is emitted and the
+   round stops: lossless. Relaxed: each
    drafted node is accepted with prob min(1, p/q); with >= K accepted keep K of them, drawn without
    replacement from p (the authors draw uniformly: a tree of N = 2K often accepts far more than K, and
    uniform draws keep low-p nodes as often as the best) and go on, else keep them, fill up from the
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from atspeed_rec.decoding.beam_search import (NEG_INF, STAGES, BeamResult, Beams, extend_beams, forced_completion,
-                                              masked_code_logprobs, select_top_k)
+                                              masked_code_logprobs, padded_topk, select_top_k)
 from atspeed_rec.decoding.sampling import check_last_level, gumbel, gumbel_top_k, sample_top_k, sort_beams
 from atspeed_rec.decoding.tree import DraftTree, cache_rows, tree_forward
 from atspeed_rec.models.vocab import CodeVocab
@@ -56,6 +59,7 @@ class SpecStats:  # totals for the batch; per-request tensors where noted
     forced_steps: torch.Tensor  # [B] codes the trie decided alone (no round): accepted + rounds + forced = L
     accepted_at: torch.Tensor  # [B, L] drafted levels accepted, by the code position they drafted
     verified_at: torch.Tensor  # [B, L] drafted levels verified (accepted, or the one rejected), by code position
+    bounded_steps: torch.Tensor  # [B] of the accepted levels, those accepted by dropping undrafted pairs (strict)
 
 
 # ---------------------------------------------------------------- draft
@@ -117,19 +121,35 @@ def _node_logprobs(lp_tree, level: int, node):
 
 def strict_level(code_lp, scores, where, drafted, K: int):
     """Strict rule of one level: T_i = the top K of S_p(h) + log p(v | h), exactly what `beam_search` keeps;
-    go on iff every live pair of T_i is a drafted node (never at the bonus level, `drafted` None).
+    a pair can go on iff it is a drafted node (never at the bonus level, `drafted` None).
 
     code_lp: `[G, h, C]`; scores, where: `[G, h]` (each current beam's index among the drafted nodes'
-    parents); drafted: `DraftTree.level(i)`. Returns parent, code, score, node `[G, K]` and go_on `[G]`.
+    parents); drafted: `DraftTree.level(i)`. Returns parent, code, score, node `[G, K]` and held `[G, K]`
+    (a drafted node, or an empty pair, which needs none).
     """
     parent, code, score = select_top_k(scores, code_lp, K)  # T_i [G, K]
     if drafted is None:
-        return parent, code, score, torch.zeros_like(parent), torch.zeros_like(parent[:, 0], dtype=torch.bool)
+        return parent, code, score, torch.zeros_like(parent), torch.zeros_like(parent, dtype=torch.bool)
     parents, codes, alive, _ = drafted  # [G, N]
     same = ((where.gather(1, parent).unsqueeze(-1) == parents.unsqueeze(1))
             & (code.unsqueeze(-1) == codes.unsqueeze(1)) & alive.unsqueeze(1))  # [G, K, N] pair k is node n
-    found = same.any(-1) | (score == NEG_INF)  # empty beams need no node
-    return parent, code, score, same.long().argmax(-1), found.all(-1)
+    held = same.any(-1) | (score == NEG_INF)  # empty beams need no node
+    return parent, code, score, same.long().argmax(-1), held
+
+
+def drop_unreachable(scores, held, code_lp_next, K: int):
+    """Strict: the pairs of T_i that are no drafted node (not `held`) have no target log-probs after them, but
+    each of their children scores at most their own S (log p <= 0). Where the K-th best child of the held
+    pairs scores above every unheld pair, no child of theirs is in T_{i+1}, the top K that `beam_search`
+    keeps: drop them (score -inf) and go on. scores, held `[G, K]`; code_lp_next `[G, K, C]` the target's
+    log-probs after the held pairs (anything after the others). Returns scores, held and dropped `[G]`.
+    """
+    unheld = ~held
+    children = (scores.masked_fill(unheld, NEG_INF).unsqueeze(-1) + code_lp_next).flatten(1)  # [G, K * C]
+    kth = padded_topk(children, K)[0][:, -1]  # [G] the K-th best child of the held pairs
+    dropped = unheld.any(-1) & (kth > scores.masked_fill(held, NEG_INF).amax(-1))  # [G]
+    drop = unheld & dropped.unsqueeze(-1)
+    return scores.masked_fill(drop, NEG_INF), held | dropped.unsqueeze(-1), dropped
 
 
 def accept_drafts(logp: torch.Tensor, logq: torch.Tensor, generator=None) -> torch.Tensor:
@@ -193,7 +213,7 @@ def relaxed_draw(logp, drafted, where, beam_alive, K: int, generator=None):
 def relaxed_level(code_lp, scores, where, drafted, K: int, generator=None, temperature: float = 1.0):
     """Relaxed rule of one level over p_i = softmax((S_p(h) + log p(v | h)) / T) on (current beam, code):
     the K pairs of `relaxed_draw`, or K sampled from p_i at the bonus level (`drafted` None), with their
-    untempered scores, in draw order. Same arguments and returns as `strict_level`."""
+    untempered scores, in draw order. Same arguments and returns as `strict_level` (held: the request goes on)."""
     C = code_lp.shape[-1]
     total = (scores.unsqueeze(-1) + code_lp).flatten(1)  # [G, h*C] S_p(h) + log p(v | h)
     logp = torch.log_softmax(total / temperature, -1)  # p_i
@@ -203,45 +223,54 @@ def relaxed_level(code_lp, scores, where, drafted, K: int, generator=None, tempe
     else:
         flat, valid, node, go_on = relaxed_draw(logp, drafted, where, scores > NEG_INF, K, generator)
     score = total.gather(1, flat).masked_fill(~valid, NEG_INF)
-    return flat // C, flat % C, score, node.masked_fill(~valid, 0), go_on
+    return flat // C, flat % C, score, node.masked_fill(~valid, 0), go_on.unsqueeze(-1).expand_as(flat)
 
 
 def verify(lp_beams, lp_tree, tree: DraftTree, beams: Beams, fed, tree_start: int, K: int, trie: CodeTrie,
            vocab: CodeVocab, mode: str = "strict", generator=None, temperature: float = 1.0,
-           last_level: str = "top_k"):
+           last_level: str = "top_k", bound: bool = True):
     """Verification of one tree per request: at level i = 0..d the mode's rule (`strict_level`,
     `relaxed_level`) picks K pairs; the rows that stop emit them, the others go on from their tree nodes.
-    At the ID's last code (always the bonus level: it is never drafted) relaxed mode keeps the top K
-    when `last_level` is "top_k".
+    Strict with `bound`: a level whose undrafted pairs cannot reach the next top K goes on without them
+    (`drop_unreachable`). At the ID's last code (always the bonus level: it is never drafted) relaxed
+    mode keeps the top K when `last_level` is "top_k".
 
     lp_beams `[G, H, L * C]`, lp_tree `[G, d, N, L * C]`: target log-probs after the beams and the nodes;
     fed `[G, H, cur]`: the cache indices of the current beams' codes; tree node (j, n) is at cache index
     tree_start + j*N + n. Returns the new beams `[G, K, cur + d + 1]` (codes past a row's new depth are 0;
-    relaxed: in draw order), the number of codes each request advanced `[G]` (accepted levels + 1) and
-    the cache indices of the new beams' codes but the newest `[G, K, cur + d]`.
+    relaxed: in draw order), the number of codes each request advanced `[G]` (accepted levels + 1), the
+    cache indices of the new beams' codes but the newest `[G, K, cur + d]` and the levels accepted by
+    dropping undrafted pairs `[G]`.
     """
-    rule = strict_level if mode == "strict" else partial(relaxed_level, generator=generator, temperature=temperature)
+    strict = mode == "strict"
+    rule = strict_level if strict else partial(relaxed_level, generator=generator, temperature=temperature)
     last_rule = strict_level if last_level == "top_k" else rule  # the last code: top K (strict's bonus step)
     G, H, cur = beams.codes.shape
     out = _empty_out(beams, K, tree.depth)
     running = torch.ones(G, dtype=torch.bool, device=lp_beams.device)
+    bounded = torch.zeros(G, dtype=torch.long, device=lp_beams.device)
     where = torch.arange(H, device=lp_beams.device).expand(G, H)  # [G, h] beams' indices in level 0's parent space
-    lp = lp_beams
+    code_lp = masked_code_logprobs(lp_beams, vocab, trie, beams.nodes, cur)  # [G, h, C]
     for i in range(tree.depth + 1):
-        code_lp = masked_code_logprobs(lp, vocab, trie, beams.nodes, cur + i)  # [G, h, C]
         drafted = tree.level(i) if i < tree.depth else None  # i == d: the bonus level
         level_rule = last_rule if cur + i == vocab.levels - 1 else rule
-        parent, code, score, where, go_on = level_rule(code_lp, beams.scores, where, drafted, K)  # [G, K], [G]
+        parent, code, score, where, held = level_rule(code_lp, beams.scores, where, drafted, K)  # [G, K]
         beams = extend_beams(beams, parent, code, score, trie, cur + i)
+        if i < tree.depth:  # the target's log-probs after this level's nodes: the next level's
+            code_lp = masked_code_logprobs(_node_logprobs(lp_tree, i, where), vocab, trie, beams.nodes, cur + i + 1)
+            if strict and bound:
+                scores, held, dropped = drop_unreachable(beams.scores, held, code_lp, K)
+                beams = Beams(beams.codes, scores, beams.nodes)
+                bounded += (dropped & running).long()
+        go_on = held.all(-1)
         fed = fed.gather(1, parent.unsqueeze(-1).expand(-1, -1, fed.shape[-1]))  # [G, K, cur + i]
         _emit(out, running & ~go_on, beams, fed, i)
         running = running & go_on
         if not running.any():
             break
         fed = torch.cat([fed, (tree_start + i * tree.codes.shape[-1] + where).unsqueeze(-1)], -1)  # + accepted node
-        lp = _node_logprobs(lp_tree, i, where)
     codes, scores, nodes, advanced, fed = out
-    return Beams(codes, scores, nodes), advanced, fed
+    return Beams(codes, scores, nodes), advanced, fed, bounded
 
 
 # ---------------------------------------------------------------- the search
@@ -261,10 +290,12 @@ def grow_rows(kv, grown, rows):
 def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor,
                             attention_mask: torch.Tensor, num_beams: int, draft_beams: int, gamma: int,
                             mode: str = "strict", generator=None, temperature: float = 1.0,
-                            last_level: str = "top_k") -> tuple[BeamResult, SpecStats]:
+                            last_level: str = "top_k", bound: bool = True) -> tuple[BeamResult, SpecStats]:
     """Top-`num_beams` valid items per left-padded prompt `input_ids [B, P]`, by speculative beam search.
 
-    strict: the same items, order and scores (up to float noise) as `beam_search(target, ...)`.
+    strict: the same items, order and scores (up to float noise) as `beam_search(target, ...)`; with `bound`
+    (the default) a level also passes when its undrafted pairs provably cannot reach the next top K
+    (`drop_unreachable`); False keeps the plain rule, for comparison.
     relaxed: an approximation of `beam_sample(target, ..., temperature, last_level)`, sorted by target score.
     """
     if mode not in MODES:
@@ -284,7 +315,8 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
     stats = SpecStats(target_calls=input_ids.new_zeros(B), draft_calls=0, accepted_steps=input_ids.new_zeros(B),
                       drafted_levels=input_ids.new_zeros(B), rounds=input_ids.new_zeros(B),
                       forced_steps=input_ids.new_zeros(B),
-                      accepted_at=input_ids.new_zeros(B, L), verified_at=input_ids.new_zeros(B, L))
+                      accepted_at=input_ids.new_zeros(B, L), verified_at=input_ids.new_zeros(B, L),
+                      bounded_steps=input_ids.new_zeros(B))
     position = torch.arange(L, device=dev)  # code positions
     target_kv = draft_kv = None  # the target's: every token fed (rows in other rounds get padding); the draft's: prompts
     calls = 0
@@ -328,8 +360,8 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
                 newest = T + torch.arange(H, device=dev)
                 beams_fed = torch.cat([fed[rows, :, :cur - 1], newest.view(1, H, 1).expand(G, H, 1)], -1)
                 tree_start = T + H
-            new, advanced, new_fed = verify(lp_beams, lp_tree, tree, beams, beams_fed, tree_start, K, trie, vocab,
-                                            mode, generator, temperature, last_level)
+            new, advanced, new_fed, bounded = verify(lp_beams, lp_tree, tree, beams, beams_fed, tree_start, K, trie,
+                                                     vocab, mode, generator, temperature, last_level, bound)
         width = new.codes.shape[-1]
         codes[rows, :, :width] = new.codes
         fed[rows, :, :width - 1] = new_fed
@@ -338,6 +370,7 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
         stats.target_calls[rows] += 1
         stats.rounds[rows] += 1
         stats.accepted_steps[rows] += advanced - 1
+        stats.bounded_steps[rows] += bounded
         stats.drafted_levels[rows] += d
         offset = (position - cur).unsqueeze(0)  # [1, L] level index inside this round's tree
         stats.accepted_at[rows] += ((offset >= 0) & (offset < (advanced - 1).unsqueeze(1))).long()
