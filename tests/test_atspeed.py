@@ -13,6 +13,7 @@ from atspeed_rec.decoding.speculative import speculative_beam_search
 from atspeed_rec.recbole_glue import atspeed
 from atspeed_rec.recbole_glue.atspeed import AtSpeedS
 from atspeed_rec.recbole_glue.checkpoint import load_checkpoint
+from atspeed_rec.recbole_glue.genrec import beams_to_scores
 from atspeed_rec.recbole_glue.cli import main
 from atspeed_rec.recbole_glue.runner import build_config
 
@@ -123,6 +124,7 @@ def slow_trees(monkeypatch, delay: dict) -> list:
 def test_the_test_pass_serves_the_fastest_of_the_candidate_trees(synth_root, in_tmp_dir, monkeypatch):
     model, batches = tuning_model(synth_root, in_tmp_dir)
     served = slow_trees(monkeypatch, {(40, 1): 0.03, (20, 1): 0.0, (20, 3): 0.06})  # (20, 1) is the fastest
+    model.fallback = False  # the tiny target's own search beats every tree: here the choice among trees is tested
     with torch.no_grad():
         for batch in batches:
             model.full_sort_predict(batch)
@@ -139,6 +141,12 @@ def test_the_tuning_warns_when_no_tree_beats_the_targets_own_search(synth_root, 
     assert "the target's own search:" in caplog.text  # the bar is in the log line of the tuning
     assert "no candidate tree is faster than the target's own beam search at K=20" in caplog.text
 
+    model.tree_tuned, model.fallback = False, False  # --serve_target_if_faster=False (AtSpeedR: always)
+    caplog.clear()
+    with torch.no_grad(), caplog.at_level(logging.INFO):
+        model.tune_tree(*model.target.prompt(batch))
+    assert "expect a speedup below 1x" in caplog.text and not model.serve_target
+
     model.tree_tuned = False  # tune again: now the target is the slow one
     monkeypatch.setattr(model, "target_alone", lambda *a: time.sleep(0.2))
     slow_trees(monkeypatch, {(40, 1): 0.0, (20, 1): 0.0, (20, 3): 0.0})
@@ -146,6 +154,24 @@ def test_the_tuning_warns_when_no_tree_beats_the_targets_own_search(synth_root, 
     with torch.no_grad(), caplog.at_level(logging.INFO):
         model.tune_tree(*model.target.prompt(batch))
     assert "serving tree" in caplog.text and "no candidate tree" not in caplog.text
+
+
+def test_strict_serving_falls_back_to_the_targets_own_search_when_no_tree_beats_it(synth_root, in_tmp_dir,
+                                                                                     monkeypatch, caplog):
+    model, batches = tuning_model(synth_root, in_tmp_dir)
+    served = slow_trees(monkeypatch, {(40, 1): 0.2, (20, 1): 0.2, (20, 3): 0.2})  # every tree slower than the target
+    with torch.no_grad(), caplog.at_level(logging.INFO):
+        model.full_sort_predict(batches[0])  # tunes first
+    assert model.serve_target and "serving the target's own beam search instead" in caplog.text
+    tuning = len(served)
+    with torch.no_grad():
+        scores = model.full_sort_predict(batches[1])
+        ids, mask = model.target.prompt(batches[1])
+        target = beam_search(model.target.lm, model.target.trie, model.target.vocab, ids, mask, model.num_beams)
+    assert len(served) == tuning  # nothing speculative after the tuning, batch 1 included
+    assert torch.equal(scores, beams_to_scores(target, model.n_items))  # the target's own lists
+    summary = model.spec_meter.summary()
+    assert summary["accepted_steps"] == 0 and summary["target_calls"] >= 1
 
 
 def test_candidate_trees_narrower_than_k_or_malformed_are_refused(synth_root, in_tmp_dir, capsys):

@@ -201,6 +201,7 @@ def test_one_level_semantic_ids_pass_for_genrec(synth_root):
     ("AtSpeedR", "--sample_temperature=0", ["sample_temperature=0.0", "> 0"]),
     ("AtSpeedR", "--relaxed_last_level=best", ["relaxed_last_level='best'", "top_k, sample"]),
     ("GenRec", "--train_compile=yes", ["train_compile='yes'", "--train_compile=False"]),
+    ("AtSpeedS", "--serve_target_if_faster=maybe", ["serve_target_if_faster='maybe'", "--serve_target_if_faster=False"]),
     ("GenRec", "--dropout_prob=1", ["dropout_prob=1.0", "[0, 1)"]),
     ("GenRec", "--dropout_prob=-0.5", ["dropout_prob=-0.5", "[0, 1)"]),
     ("AtSpeedS", "--draft_beams=5", ["draft_beams=5 < num_beams=20", "--draft_beams=20"]),

@@ -32,6 +32,7 @@ NOT_WEIGHTS = {
     "gamma": "the serving tree's depth: the draft is validated on its own tree (draft_valid_gamma)",
     "tree_candidates": "serving trees timed before the test pass: the draft is validated on its own tree",
     "tree_tuning_requests": "how many test requests time the serving trees",
+    "serve_target_if_faster": "whether the test pass may serve the target's own search: the draft is not used",
     "sample_temperature": "relaxed serving only: draft validation decodes strictly",
     "relaxed_last_level": "relaxed serving only: draft validation decodes strictly",
 }

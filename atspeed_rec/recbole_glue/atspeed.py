@@ -5,7 +5,9 @@ The models hold the target (frozen), the draft and the decoding settings; how th
 speculative beam search (strict top-K verification for AtSpeedS, relaxed sampling verification
 for AtSpeedR) on the serving tree (`draft_beams`, `gamma`; or, with `tree_candidates`, the fastest
 of those trees timed on the first test requests) and reports beside Recall and NDCG the speedup over
-the target's own beam search and the acceptance statistics (`SpecMeter`).
+the target's own beam search and the acceptance statistics (`SpecMeter`). When that timing finds no
+tree faster than the target's own search, AtSpeedS serves that search (`serve_target_if_faster`):
+strict verification returns its output anyway.
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ class AtSpeedS(ProjectModel):
         self.tree_candidates = parse_trees(config["tree_candidates"], self.num_beams)
         self.tree_tuning_requests = int(config["tree_tuning_requests"])
         self.tree_tuned = not self.tree_candidates  # tuned at the first test batch when there are candidates
+        # strict only: the tuning may find the target's own search faster than every tree; its output is the same
+        self.fallback = self.verification == "strict" and bool(config["serve_target_if_faster"])
+        self.serve_target = False  # set by the tuning: the test pass decodes by the target's own beam search
         self.temperature = float(config["sample_temperature"])
         if not self.temperature > 0:
             raise ConfigError(f"sample_temperature={self.temperature}: relaxed sampling divides scores by it; "
@@ -133,13 +138,19 @@ class AtSpeedS(ProjectModel):
         input_ids, mask = self.target.prompt(interaction)
         if self.phase == "test" and not self.tree_tuned:
             self.tune_tree(input_ids, mask)
-        (beams, stats), spec_seconds = timed(lambda: self.speculative(input_ids, mask), input_ids.device)
+        target = partial(beam_search, self.target.lm, self.target.trie, self.target.vocab, input_ids, mask,
+                         self.eval_beams)
+        if self.phase == "test" and self.serve_target:  # the tuning chose the target's own search: nothing drafted
+            beams, seconds = timed(target, input_ids.device)
+            accepted, drafted, calls = 0.0, 0.0, float(beams.forward_calls * len(input_ids))
+        else:
+            (beams, stats), seconds = timed(lambda: self.speculative(input_ids, mask), input_ids.device)
+            accepted, drafted = float(stats.accepted_steps.sum()), float(stats.drafted_levels.sum())
+            calls = float(stats.target_calls.sum())
         target_seconds = None
         if self.spec_meter.timed_batches < self.timed_batches:  # the same batch, target only
-            _, target_seconds = timed(lambda: beam_search(self.target.lm, self.target.trie, self.target.vocab,
-                                                          input_ids, mask, self.eval_beams), input_ids.device)
-        self.spec_meter.add(len(input_ids), float(stats.accepted_steps.sum()), float(stats.drafted_levels.sum()),
-                            float(stats.target_calls.sum()), spec_seconds, target_seconds)
+            _, target_seconds = timed(target, input_ids.device)
+        self.spec_meter.add(len(input_ids), accepted, drafted, calls, seconds, target_seconds)
         if self.phase == "test":
             self.time_single_requests(input_ids, mask)
         return beams_to_scores(beams, self.n_items)  # [B, n_items]
@@ -150,6 +161,13 @@ class AtSpeedS(ProjectModel):
                                        self.num_beams, n, gamma, mode=self.verification, generator=generator,
                                        temperature=self.temperature, last_level=self.last_level)
 
+    def served_alone(self, ids, mask, generator):
+        """One test request `[1, P]` decoded as the test pass serves it: on the serving tree, or by the
+        target's own search when the tuning chose it."""
+        if self.serve_target:
+            return self.target_alone(ids, mask)
+        return self.serve_alone(ids, mask, self.draft_beams, self.gamma, generator)
+
     def target_alone(self, ids, mask):
         """One test request `[1, P]` decoded by the target's own beam search at the served K: what
         `speedup` (and the tree tuning) compares the speculative search against."""
@@ -159,7 +177,8 @@ class AtSpeedS(ProjectModel):
         """Serve the fastest tree of `tree_candidates` and the configured one: each decodes the batch's
         first `tree_tuning_requests` requests alone (batch 1), the trees and the target's own search
         interleaved per request, after one warm-up request; the median time per request decides, and a
-        warning says so when no tree beats the target's search. Under DDP rank 0's choice is every rank's."""
+        warning says so when no tree beats the target's search (AtSpeedS with `serve_target_if_faster` then
+        serves that search: the same output). Under DDP rank 0's choice is every rank's."""
         trees = list(dict.fromkeys([(self.draft_beams, self.gamma), *self.tree_candidates]))
         entries = [*trees, None]  # None: the target's own search, the time a tree has to beat
         device, times = input_ids.device, {entry: [] for entry in entries}
@@ -175,23 +194,27 @@ class AtSpeedS(ProjectModel):
                     times[entry].append(seconds)
         ms = {entry: 1e3 * statistics.median(t) for entry, t in times.items()}
         target_ms = ms.pop(None)
-        choice = [min(ms, key=ms.get)]
+        best = min(ms, key=ms.get)
+        choice = [best, self.fallback and ms[best] >= target_ms]
         if dist.is_available() and dist.is_initialized():
             dist.broadcast_object_list(choice, src=0)
-        self.draft_beams, self.gamma = choice[0]
+        (self.draft_beams, self.gamma), self.serve_target = choice
         self.tree_tuned = True
         log = logging.getLogger()
-        log.info(f"serving tree: N={self.draft_beams}, gamma={self.gamma}, the fastest of "
+        head = "serving the target's own beam search; fastest tree" if self.serve_target else "serving tree"
+        log.info(f"{head}: N={self.draft_beams}, gamma={self.gamma}, the fastest of "
                  + ", ".join(f"N {n} gamma {g}: {t:.1f} ms" for (n, g), t in ms.items())
                  + f" (the target's own search: {target_ms:.1f} ms; median over {max(rows - 1, 1)} test requests"
                  " decoded alone)")
-        if ms[choice[0]] >= target_ms:
+        if ms[best] >= target_ms:
+            then = ("serving the target's own beam search instead (strict verification returns its output "
+                    "anyway; --serve_target_if_faster=False serves the tree)" if self.serve_target
+                    else "expect a speedup below 1x")
             log.warning(
                 f"no candidate tree is faster than the target's own beam search at K={self.num_beams} on this "
-                f"machine ({ms[choice[0]]:.1f} vs {target_ms:.1f} ms a request decoded alone): expect a speedup "
-                "below 1x. Speculative decoding pays where a target pass over a few dozen extra tokens costs "
-                "little more than a decode step: a smaller K (topk), a CPU with AMX-BF16, a GPU, a larger "
-                "target (docs/benchmarks.md)")
+                f"machine ({ms[best]:.1f} vs {target_ms:.1f} ms a request decoded alone): {then}. Speculative "
+                "decoding pays where a target pass over a few dozen extra tokens costs little more than a decode "
+                "step: a smaller K (topk), a CPU with AMX-BF16, a GPU, a larger target (docs/benchmarks.md)")
 
     def time_single_requests(self, input_ids, mask) -> None:
         """The paper's speedup: requests of the test split decoded alone (batch 1), target-only and
@@ -207,7 +230,7 @@ class AtSpeedS(ProjectModel):
                 return
             ids, m = trim_left(input_ids[row:row + 1], mask[row:row + 1])
             target = (lambda: self.target_alone(ids, m))
-            spec = (lambda: self.serve_alone(ids, m, self.draft_beams, self.gamma, generator))
+            spec = (lambda: self.served_alone(ids, m, generator))
             if done == 0 and not meter.warmed_up:
                 target(), spec()
                 meter.warmed_up = True

@@ -219,6 +219,10 @@ def check_choices(config) -> None:
         from atspeed_rec.alignment.losses import ALIGN_LOSSES, DISTILLSPEC_DIVERGENCES
         from atspeed_rec.decoding.sampling import LAST_LEVELS
 
+        if not isinstance(config["serve_target_if_faster"], bool):
+            raise ConfigError(f"serve_target_if_faster={config['serve_target_if_faster']!r} is not True or False; fix: "
+                              "--serve_target_if_faster=True (AtSpeedS serves the target's own search when no tree "
+                              "is faster) or --serve_target_if_faster=False (always speculative)")
         if str(config["relaxed_last_level"]) not in LAST_LEVELS:
             raise ConfigError(f"relaxed_last_level={config['relaxed_last_level']!r} is unknown; fix: set "
                               f"--relaxed_last_level to one of {', '.join(LAST_LEVELS)}")
