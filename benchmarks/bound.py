@@ -23,7 +23,6 @@ import torch
 
 import common
 import decoders
-from atspeed_rec.decoding.speculative import speculative_beam_search
 
 
 def parse_args(argv=None):
@@ -35,16 +34,11 @@ def parse_args(argv=None):
     return args
 
 
-def strict_fn(model, k: int, n: int, gamma: int, bound: bool):
-    t = model.target
-    return lambda ids, mask: speculative_beam_search(t.lm, model.draft, t.trie, t.vocab, ids, mask, k, n, gamma,
-                                                     "strict", bound=bound)
-
-
 def measure(s, requests, k: int, n: int, gamma: int, warmup: int) -> dict:
     """`beam_search`, plain strict and bounded strict on every request, interleaved: one row."""
     fns = {"ours": decoders.baseline_fn(s.model, "strict", k, None),
-           "plain": strict_fn(s.model, k, n, gamma, False), "bound": strict_fn(s.model, k, n, gamma, True)}
+           "plain": decoders.spec_fn(s.model, "strict", k, n, gamma, None, bound=False),
+           "bound": decoders.spec_fn(s.model, "strict", k, n, gamma, None, bound=True)}
     res = common.interleaved(fns, requests, warmup)
     ours_t, target = res["ours"]
     row = {"k": k, "n": n, "gamma": gamma, "ours_ms": 1000 * ours_t}
@@ -54,7 +48,7 @@ def measure(s, requests, k: int, n: int, gamma: int, warmup: int) -> dict:
         accepted, calls, _ = decoders.acceptance(stats)
         row[name] = {"ms": 1000 * seconds, "speedup": ours_t / seconds, "accepted": accepted, "calls": calls,
                      "by_code": decoders.acceptance_by_code(stats),
-                     "bounded": sum(float(st.bounded_steps.sum()) for st in stats) / max(len(stats), 1),
+                     "bounded": sum(float(st.bounded_steps.sum()) for st in stats) / len(requests),
                      "identical": sum(bool(torch.equal(b.items, r.items)) for (b, _), r in zip(out, target))}
     return row
 

@@ -141,10 +141,10 @@ def requests(args, served: dict, test, batch: int) -> list[common.Request]:
                                   s.config["device"])
 
 
-def spec_fn(model, mode: str, k: int, n: int, gamma: int, generator):
+def spec_fn(model, mode: str, k: int, n: int, gamma: int, generator, bound: bool = True):
     t = model.target
     return lambda ids, mask: speculative_beam_search(t.lm, model.draft, t.trie, t.vocab, ids, mask, k, n, gamma,
-                                                     mode, generator, model.temperature, model.last_level)
+                                                     mode, generator, model.temperature, model.last_level, bound)
 
 
 def baseline_fn(model, mode: str, k: int, generator):

@@ -256,12 +256,12 @@ def verify(lp_beams, lp_tree, tree: DraftTree, beams: Beams, fed, tree_start: in
         level_rule = last_rule if cur + i == vocab.levels - 1 else rule
         parent, code, score, where, held = level_rule(code_lp, beams.scores, where, drafted, K)  # [G, K]
         beams = extend_beams(beams, parent, code, score, trie, cur + i)
-        if i < tree.depth:  # the target's log-probs after this level's nodes: the next level's
-            code_lp = masked_code_logprobs(_node_logprobs(lp_tree, i, where), vocab, trie, beams.nodes, cur + i + 1)
-            if strict and bound:
-                scores, held, dropped = drop_unreachable(beams.scores, held, code_lp, K)
-                beams = Beams(beams.codes, scores, beams.nodes)
-                bounded += (dropped & running).long()
+        next_lp = None  # the target's log-probs after this level's nodes: the next level's, when it is verified
+        if strict and bound and i < tree.depth:
+            next_lp = masked_code_logprobs(_node_logprobs(lp_tree, i, where), vocab, trie, beams.nodes, cur + i + 1)
+            scores, held, dropped = drop_unreachable(beams.scores, held, next_lp, K)
+            beams = Beams(beams.codes, scores, beams.nodes)
+            bounded += (dropped & running).long()
         go_on = held.all(-1)
         fed = fed.gather(1, parent.unsqueeze(-1).expand(-1, -1, fed.shape[-1]))  # [G, K, cur + i]
         _emit(out, running & ~go_on, beams, fed, i)
@@ -269,6 +269,8 @@ def verify(lp_beams, lp_tree, tree: DraftTree, beams: Beams, fed, tree_start: in
         if not running.any():
             break
         fed = torch.cat([fed, (tree_start + i * tree.codes.shape[-1] + where).unsqueeze(-1)], -1)  # + accepted node
+        code_lp = next_lp if next_lp is not None else masked_code_logprobs(
+            _node_logprobs(lp_tree, i, where), vocab, trie, beams.nodes, cur + i + 1)
     codes, scores, nodes, advanced, fed = out
     return Beams(codes, scores, nodes), advanced, fed, bounded
 

@@ -161,13 +161,6 @@ class AtSpeedS(ProjectModel):
                                        self.num_beams, n, gamma, mode=self.verification, generator=generator,
                                        temperature=self.temperature, last_level=self.last_level)
 
-    def served_alone(self, ids, mask, generator):
-        """One test request `[1, P]` decoded as the test pass serves it: on the serving tree, or by the
-        target's own search when the tuning chose it."""
-        if self.serve_target:
-            return self.target_alone(ids, mask)
-        return self.serve_alone(ids, mask, self.draft_beams, self.gamma, generator)
-
     def target_alone(self, ids, mask):
         """One test request `[1, P]` decoded by the target's own beam search at the served K: what
         `speedup` (and the tree tuning) compares the speculative search against."""
@@ -230,7 +223,8 @@ class AtSpeedS(ProjectModel):
                 return
             ids, m = trim_left(input_ids[row:row + 1], mask[row:row + 1])
             target = (lambda: self.target_alone(ids, m))
-            spec = (lambda: self.served_alone(ids, m, generator))
+            spec = (partial(self.target_alone, ids, m) if self.serve_target  # as the test pass serves it
+                    else partial(self.serve_alone, ids, m, self.draft_beams, self.gamma, generator))
             if done == 0 and not meter.warmed_up:
                 target(), spec()
                 meter.warmed_up = True
