@@ -13,6 +13,7 @@ from test_atspeed import SMALL
 from test_genrec_pretrained import save_tiny_lm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import accuracy  # noqa: E402
 import alignment  # noqa: E402
 import beam_search  # noqa: E402
 import bound  # noqa: E402
@@ -237,6 +238,34 @@ def test_the_checkpoints_run_recbole_trained_are_the_ones_decoded_and_scored_as_
     assert len(speed) == 2 and all(number(r["speedup vs ours"]) > 0 for r in speed)
     strict = {r["decoding"]: r["recall@3"] for r in accuracy if r["mode"] == "strict"}
     assert strict["speculative"] == strict["beam_search"]
+
+
+def test_accuracy_scores_each_trained_recipe_as_the_test_pass_of_run_recbole_scores_it(synth_root, in_tmp_dir):
+    trained = run_args(synth_root, in_tmp_dir)[:-1]
+    for epochs in (1, 2):
+        assert run_recbole(["--model=GenRec", *trained, f"--epochs={epochs}",
+                            f"--result_file={in_tmp_dir / f'{epochs}.json'}"]) == 0
+    # every test user (120), in batches of 8: the same users the test pass decodes
+    argv = run_args(synth_root, in_tmp_dir, "--requests=120", "--batch=8", "--warmup=1",
+                    "--variant=one epoch:epochs=1", "--variant=two epochs:epochs=2")
+    assert accuracy.main(argv) == 0
+    (rows,) = tables(in_tmp_dir / "table.md")
+    assert [r["variant"] for r in rows] == ["one epoch", "two epochs"]
+    for row, epochs in zip(rows, (1, 2)):
+        test = json.loads((in_tmp_dir / f"{epochs}.json").read_text())["test"]
+        assert {k: float(row[k]) for k in test if "@" in k} == pytest.approx(
+            {k: v for k, v in test.items() if "@" in k}, abs=1e-4)
+        assert row["checkpoint"].startswith("GenRec-synth-") and number(row["ms a request"]) > 0
+    assert rows[0]["checkpoint"] != rows[1]["checkpoint"]
+
+
+def test_an_accuracy_variant_names_property_overrides_only():
+    assert accuracy.variant("lr 3e-3: learning_rate=0.003, epochs=1") == ("lr 3e-3", {"learning_rate": 0.003,
+                                                                                      "epochs": 1})
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--variant=x:dataset=ml-100k"])
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--variant=x:epochs"])
 
 
 def test_a_pretrained_llm_target_is_benchmarked_too(synth_root, in_tmp_dir):

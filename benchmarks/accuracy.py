@@ -1,0 +1,97 @@
+"""Test accuracy of trained GenRec targets on a sample of test users: training recipes compared cheaply.
+
+The test pass of `run_recbole.py` decodes every test user (22,363 on amazon-beauty: ~47 minutes for
+the LLM target on 2 cores). To compare training recipes, this decodes a seeded sample of the same
+test users (`--requests`, batches of `--batch`) with the target's own beam search at its `num_beams`
+and scores them with RecBole's evaluator, as the test pass scores them. Each `--variant
+LABEL:key=value,key=value` is a trained checkpoint: run_recbole.py's arguments plus those
+overrides (none: the arguments alone); every variant decodes the same users.
+
+    python benchmarks/accuracy.py --dataset=amazon-beauty --data_path=DIR \
+        --variant="lr 1e-3:epochs=1" --variant="lr 3e-3:epochs=1,learning_rate=0.003"
+
+writes docs/target_accuracy.md. A missing checkpoint stops with the command that trains it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+from tqdm import tqdm
+
+import common
+from atspeed_rec.recbole_glue import cli
+from atspeed_rec.recbole_glue.metrics import timed
+
+
+def variant(text: str) -> tuple[str, dict]:
+    """`LABEL:key=value,...` -> (label, {key: value}), values read as run_recbole.py reads them."""
+    label, _, rest = text.partition(":")
+    overrides = {}
+    for item in filter(None, (kv.strip().lstrip("-") for kv in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key in ("model", "dataset", "config_files", "data_path"):
+            raise argparse.ArgumentTypeError(f"{item!r}: a variant is LABEL:key=value,... of property overrides "
+                                             "(the dataset and data path are the command's own)")
+        overrides[key] = cli.parse_value(value)
+    return label.strip() or "config", overrides
+
+
+def parse_args(argv=None):
+    p = common.parser(__file__, __doc__, requests=3000, output="target_accuracy.md", untrained=False)
+    p.add_argument("--batch", type=int, default=32, help="test users a beam-search batch")
+    p.add_argument("--variant", type=variant, action="append", default=None,
+                   help="LABEL:key=value,... a trained target with these overrides (repeatable)")
+    args = common.parse(p, argv, ("GenRec",))
+    args.variants = args.variant or [("config", [])]
+    return args
+
+
+def evaluate(args, label: str, overrides: dict) -> dict:
+    """One variant's checkpoint on the sampled test users: RecBole's metrics and decoding time."""
+    sub = argparse.Namespace(**{**vars(args), "overrides": {**args.overrides, **overrides}})
+    name, config, path = common.find_checkpoint(sub, ("GenRec",))
+    _, train, _, test = common.load_data(config)
+    model = common.instantiate(name, config, train, path)
+    requests = common.sample_requests(test, model.prompt, args.requests, args.batch, config["seed"], config["device"])
+    beams, seconds = [], []
+    with torch.no_grad():
+        for r in tqdm(requests, desc=f"{label:<11}", ncols=100):  # RecBole's progress style
+            interaction = r.batch[0].to(config["device"])
+            out, s = timed(lambda: model.generate(interaction), config["device"])  # noqa: B023 (called at once)
+            beams.append(out)
+            seconds.append(s / r.users)
+    timed_from = min(args.warmup, len(requests) // 2)
+    return {"config": config, "path": path, "users": sum(r.users for r in requests),
+            "ms": 1000 * statistics.median(seconds[timed_from:]),
+            "metrics": common.recbole_metrics(config, requests, beams, model.num_beams)}
+
+
+def benchmark(args) -> None:
+    rows = []
+    for label, overrides in args.variants:
+        r = evaluate(args, label, overrides)
+        rows.append((label, overrides, r))
+        print(f"{label}: {r['users']} users, " + ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items()), flush=True)
+    config = rows[0][2]["config"]
+    metrics = list(rows[0][2]["metrics"])
+    lines = common.header(args, "Target accuracy on sampled test users", config)
+    lines += [f"The target's own beam search (K = {config['num_beams']}), test split, full ranking, RecBole's "
+              f"evaluator; {rows[0][2]['users']} test users, the same for every row; decoding time a request "
+              f"(median over batches of {args.batch}).", "",
+              *common.table(["variant", "overrides", *metrics, "ms a request", "checkpoint"],
+                            [[label, " ".join(f"{k}={v}" for k, v in o.items()) or "-",
+                              *[f"{r['metrics'][m]:.4f}" for m in metrics], f"{r['ms']:.1f}", r["path"].name]
+                             for label, o, r in rows])]
+    common.write(lines, args.output)
+
+
+def main(argv=None) -> int:
+    return common.main(parse_args(argv), benchmark)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
