@@ -8,7 +8,7 @@ LABEL:key=value,key=value` is a trained checkpoint: run_recbole.py's arguments p
 overrides (none: the arguments alone); every variant decodes the same users.
 
     python benchmarks/accuracy.py --dataset=amazon-beauty --data_path=DIR \
-        --variant="lr 1e-3:epochs=1" --variant="lr 3e-3:epochs=1,learning_rate=0.003"
+        --variant="lr 1e-3:epochs=1,learning_rate=0.001" --variant="lr 3e-3:epochs=1,learning_rate=0.003"
 
 writes docs/target_accuracy.md. A missing checkpoint stops with the command that trains it.
 """
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--variant", type=variant, action="append", default=None,
                    help="LABEL:key=value,... a trained target with these overrides (repeatable)")
     args = common.parse(p, argv, ("GenRec",))
-    args.variants = args.variant or [("config", [])]
+    args.variants = args.variant or [("config", {})]  # no variant: the checkpoint of the arguments alone
     return args
 
 

@@ -257,6 +257,10 @@ def test_accuracy_scores_each_trained_recipe_as_the_test_pass_of_run_recbole_sco
             {k: v for k, v in test.items() if "@" in k}, abs=1e-4)
         assert row["checkpoint"].startswith("GenRec-synth-") and number(row["ms a request"]) > 0
     assert rows[0]["checkpoint"] != rows[1]["checkpoint"]
+    # no --variant: the checkpoint of the arguments alone (their epochs=2)
+    assert accuracy.main(run_args(synth_root, in_tmp_dir, "--requests=16", "--batch=8")) == 0
+    (plain,) = tables(in_tmp_dir / "table.md")
+    assert [(r["variant"], r["overrides"], r["checkpoint"]) for r in plain] == [("config", "-", rows[1]["checkpoint"])]
 
 
 def test_an_accuracy_variant_names_property_overrides_only():
