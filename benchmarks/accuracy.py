@@ -16,15 +16,13 @@ writes docs/target_accuracy.md. A missing checkpoint stops with the command that
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
-from tqdm import tqdm
 
 import common
+from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.recbole_glue import cli
-from atspeed_rec.recbole_glue.metrics import timed
 
 
 def variant(text: str) -> tuple[str, dict]:
@@ -57,16 +55,11 @@ def evaluate(args, label: str, overrides: dict) -> dict:
     _, train, _, test = common.load_data(config)
     model = common.instantiate(name, config, train, path)
     requests = common.sample_requests(test, model.prompt, args.requests, args.batch, config["seed"], config["device"])
-    beams, seconds = [], []
+    search = {"beam_search": lambda ids, mask: beam_search(model.lm, model.trie, model.vocab, ids, mask, model.num_beams)}
     with torch.no_grad():
-        for r in tqdm(requests, desc=f"{label:<11}", ncols=100):  # RecBole's progress style
-            interaction = r.batch[0].to(config["device"])
-            out, s = timed(lambda: model.generate(interaction), config["device"])  # noqa: B023 (called at once)
-            beams.append(out)
-            seconds.append(s / r.users)
-    timed_from = min(args.warmup, len(requests) // 2)
+        seconds, beams = common.interleaved(search, requests, args.warmup, progress=label)["beam_search"]
     return {"config": config, "path": path, "users": sum(r.users for r in requests),
-            "ms": 1000 * statistics.median(seconds[timed_from:]),
+            "ms": 1000 * seconds / args.batch,
             "metrics": common.recbole_metrics(config, requests, beams, model.num_beams)}
 
 

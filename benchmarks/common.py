@@ -26,6 +26,7 @@ import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.evaluator import Collector, Evaluator
 from recbole.utils import init_seed
+from tqdm import tqdm
 
 import atspeed_rec  # noqa: F401  (RecBole compatibility patches, before any Config)
 from atspeed_rec.errors import AtSpeedError
@@ -190,12 +191,14 @@ def sample_requests(test, prompt, n: int, batch: int, seed: int, device) -> list
     return out
 
 
-def interleaved(fns: dict, requests: list[Request], warmup: int) -> dict:
+def interleaved(fns: dict, requests: list[Request], warmup: int, progress: str | None = None) -> dict:
     """Every fn on every request batch, the order rotated per batch: {name: (median seconds after
-    the first `warmup` batches (at most half), [outputs])}. On a GPU each timing waits for its kernels."""
+    the first `warmup` batches (at most half), [outputs])}. On a GPU each timing waits for its kernels.
+    `progress`: the label of a progress bar over the batches (none by default)."""
     names, times, outs = list(fns), {n: [] for n in fns}, {n: [] for n in fns}
     warmup = min(warmup, len(requests) // 2)
-    for i, r in enumerate(requests):
+    bar = tqdm(requests, desc=f"{progress or '':<11}", ncols=100, disable=progress is None)  # RecBole's style
+    for i, r in enumerate(bar):
         for name in names[i % len(names):] + names[:i % len(names)]:
             out, seconds = timed(lambda: fns[name](r.ids, r.mask), r.ids.device)  # noqa: B023 (called at once)
             outs[name].append(out)
