@@ -24,6 +24,7 @@ import decoders  # noqa: E402
 import frontier  # noqa: E402
 import fused  # noqa: E402
 import precision  # noqa: E402
+import relaxed_inclusion  # noqa: E402
 import semantic_ids  # noqa: E402
 import speculative  # noqa: E402
 
@@ -311,3 +312,15 @@ def test_fused_times_the_modules_and_the_fused_weights_on_the_same_requests(synt
         assert number(r["modules ms"]) > 0 and number(r["fused ms"]) > 0
         if r["decoder"] != "speedup (search / speculative)":
             assert r["same top-K"].endswith("/4") and int(r["same top-K"].split("/")[0]) >= 3  # float32 target
+
+
+def test_relaxed_inclusion_keeps_k_codes_a_round_on_each_side_and_reports_the_likeliest(tmp_path):
+    args = relaxed_inclusion.parse_args(["--k=4", "--n=8", "--codes=32", "--draws=300", "--rows=5",
+                                         f"--output={tmp_path / 'inclusion.md'}"])
+    r = relaxed_inclusion.simulate(args)
+    assert float(r["beam"].sum()) == pytest.approx(4) and float(r["relaxed"].sum()) == pytest.approx(4)
+    assert float(r["beam"][r["p"].argmax()]) > 0.9  # beam sampling almost always keeps the likeliest code
+    relaxed_inclusion.main(["--k=4", "--n=8", "--codes=32", "--draws=300", "--rows=5",
+                            f"--output={tmp_path / 'inclusion.md'}"])
+    rows = [line for line in (tmp_path / "inclusion.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 5
