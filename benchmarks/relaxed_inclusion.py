@@ -60,13 +60,13 @@ def simulate(args) -> dict:
             "relaxed": kept_counts(pairs, valid, C) / R, "go_on": float(go_on.float().mean())}
 
 
-def report(args, r: dict) -> list[str]:
+def report(args, r: dict, argv: list[str]) -> list[str]:
     order = r["p"].argsort(descending=True)[:args.rows]
     rows = [[i + 1, f"{r['p'][c]:.3f}", f"{r['q'][c]:.3f}", f"{r['beam'][c]:.3f}", f"{r['relaxed'][c]:.3f}"]
             for i, c in enumerate(order.tolist())]
     mass = lambda kept: float((kept * r["p"]).sum())  # noqa: E731  expected p-mass of the kept codes
     return ["# Relaxed verification vs beam sampling: which codes one level keeps", "",
-            "    python benchmarks/relaxed_inclusion.py " + " ".join(sys.argv[1:]), "",
+            " ".join(["    python benchmarks/relaxed_inclusion.py", *argv]), "",
             f"K {args.k}, N {args.n}, C {args.codes}, target logits std {args.spread}, draft error std "
             f"{args.noise}, {args.draws} rounds, seed {args.seed}. Relaxed rounds that go on to the next level: "
             f"{r['go_on']:.2f}. Expected p-mass of the kept codes: beam sampling {mass(r['beam']):.3f}, "
@@ -76,8 +76,9 @@ def report(args, r: dict) -> list[str]:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    common.write(report(args, simulate(args)), args.output)
+    common.write(report(args, simulate(args), argv), args.output)
 
 
 if __name__ == "__main__":

@@ -315,12 +315,10 @@ def test_fused_times_the_modules_and_the_fused_weights_on_the_same_requests(synt
 
 
 def test_relaxed_inclusion_keeps_k_codes_a_round_on_each_side_and_reports_the_likeliest(tmp_path):
-    args = relaxed_inclusion.parse_args(["--k=4", "--n=8", "--codes=32", "--draws=300", "--rows=5",
-                                         f"--output={tmp_path / 'inclusion.md'}"])
-    r = relaxed_inclusion.simulate(args)
+    argv = ["--k=4", "--n=8", "--codes=32", "--draws=300", "--rows=5", f"--output={tmp_path / 'inclusion.md'}"]
+    r = relaxed_inclusion.simulate(relaxed_inclusion.parse_args(argv))
     assert float(r["beam"].sum()) == pytest.approx(4) and float(r["relaxed"].sum()) == pytest.approx(4)
     assert float(r["beam"][r["p"].argmax()]) > 0.9  # beam sampling almost always keeps the likeliest code
-    relaxed_inclusion.main(["--k=4", "--n=8", "--codes=32", "--draws=300", "--rows=5",
-                            f"--output={tmp_path / 'inclusion.md'}"])
+    relaxed_inclusion.main(argv)
     rows = [line for line in (tmp_path / "inclusion.md").read_text().splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 5
