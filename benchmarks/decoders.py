@@ -127,7 +127,8 @@ def facts(served: dict) -> list[str]:
     return [f"target: {tp / 1e6:.3f} M parameters ({kind}, {lm_dtype(target)}); draft: "
             f"{dp / 1e6:.3f} M ({config['draft_n_layers']} x {config['draft_hidden_size']}); target / draft = "
             f"{tp / dp:.1f}x", *[f"weights, {mode}: {s.weights}" for mode, s in served.items()],
-            f"relaxed sample_temperature: {s.model.temperature:g}, last code: {s.model.last_level}"]
+            f"relaxed rule: {s.model.relaxed_rule}, sample_temperature: {s.model.temperature:g}, last code: "
+            f"{s.model.last_level}"]
 
 
 def untrained(served: dict) -> bool:
@@ -144,7 +145,8 @@ def requests(args, served: dict, test, batch: int) -> list[common.Request]:
 def spec_fn(model, mode: str, k: int, n: int, gamma: int, generator, bound: bool = True):
     t = model.target
     return lambda ids, mask: speculative_beam_search(t.lm, model.draft, t.trie, t.vocab, ids, mask, k, n, gamma,
-                                                     mode, generator, model.temperature, model.last_level, bound)
+                                                     mode, generator, model.temperature, model.last_level, bound,
+                                                     model.relaxed_rule)
 
 
 def baseline_fn(model, mode: str, k: int, generator):

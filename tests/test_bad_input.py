@@ -200,6 +200,7 @@ def test_one_level_semantic_ids_pass_for_genrec(synth_root):
     ("AtSpeedS", "--tau=0", ["tau=0.0", "> 0"]),
     ("AtSpeedR", "--sample_temperature=0", ["sample_temperature=0.0", "> 0"]),
     ("AtSpeedR", "--relaxed_last_level=best", ["relaxed_last_level='best'", "top_k, sample"]),
+    ("AtSpeedR", "--relaxed_rule=paper", ["relaxed_rule='paper'", "coupled, ratio"]),
     ("GenRec", "--train_compile=yes", ["train_compile='yes'", "--train_compile=False"]),
     ("AtSpeedS", "--serve_target_if_faster=maybe", ["serve_target_if_faster='maybe'", "--serve_target_if_faster=False"]),
     ("GenRec", "--dropout_prob=1", ["dropout_prob=1.0", "[0, 1)"]),

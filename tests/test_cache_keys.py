@@ -35,6 +35,7 @@ NOT_WEIGHTS = {
     "serve_target_if_faster": "whether the test pass may serve the target's own search: the draft is not used",
     "sample_temperature": "relaxed serving only: draft validation decodes strictly",
     "relaxed_last_level": "relaxed serving only: draft validation decodes strictly",
+    "relaxed_rule": "relaxed serving only: draft validation decodes strictly",
 }
 
 

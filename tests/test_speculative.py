@@ -390,3 +390,24 @@ def test_relaxed_mode_with_one_beam_samples_items_exactly_as_the_target_does(tem
                    beam_sample(target, trie, VOCAB, ids, mask, 1, g, temperature, last_level)]:
         freq = torch.bincount(result.items.flatten() - 1, minlength=codes.shape[0]).float() / trials
         torch.testing.assert_close(freq, exact, atol=0.03, rtol=0)  # one item's std <= 0.008
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_coupled_relaxed_mode_keeps_each_item_as_often_as_beam_sampling_and_the_ratio_rule_does_not(temperature):
+    g = torch.Generator().manual_seed(7)
+    codes = torch.unique(torch.randint(0, 3, (40, 4), generator=g), dim=0)[:24]  # few items: dense probabilities
+    trie = CodeTrie(codes, 8, item_offset=1)
+    _, _, target, draft = world(1)
+    trials = 4000
+    ids, mask = (t.expand(trials, -1) for t in prompts(codes, 1, 7))
+
+    def kept(result):  # how often each item is among the K returned
+        return torch.bincount(result.items.flatten() - 1, minlength=codes.shape[0]).float() / trials
+
+    reference = kept(beam_sample(target, trie, VOCAB, ids, mask, 3, g, temperature, "sample"))
+    spec = {rule: speculative_beam_search(target, draft, trie, VOCAB, ids, mask, 3, 6, gamma=3, mode="relaxed",
+                                          generator=g, temperature=temperature, last_level="sample",
+                                          relaxed_rule=rule) for rule in ("coupled", "ratio")}
+    torch.testing.assert_close(kept(spec["coupled"][0]), reference, atol=0.045, rtol=0)  # difference std <= 0.011
+    assert (kept(spec["ratio"][0]) - reference).abs().max() > 0.15  # min(1, p/q) on single draws: not beam sampling
+    assert spec["coupled"][1].accepted_steps.sum() > spec["ratio"][1].accepted_steps.sum()

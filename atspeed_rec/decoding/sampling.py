@@ -28,24 +28,26 @@ def gumbel(shape, generator=None, device=None) -> torch.Tensor:
     return -e.clamp_(min=torch.finfo(e.dtype).tiny).log()
 
 
-def gumbel_top_k(logits: torch.Tensor, k: int, generator=None):
+def gumbel_top_k(logits: torch.Tensor, k: int, generator=None, noise=None):
     """k indices `[B, k]` drawn without replacement from softmax(logits `[B, n]`), in draw order.
 
-    argtop-k of logits + Gumbel noise. `valid [B, k]` is False where fewer than k entries have
-    non-zero probability (those slots hold arbitrary indices).
+    argtop-k of logits + Gumbel noise (fresh, or the given `noise [B, n]`: two draws that share it are
+    coupled). `valid [B, k]` is False where fewer than k entries have non-zero probability (those slots
+    hold arbitrary indices).
     """
-    keys = logits + gumbel(logits.shape, generator, logits.device)
+    keys = logits + (gumbel(logits.shape, generator, logits.device) if noise is None else noise)
     top, flat = padded_topk(keys, k)
     return flat, top > NEG_INF
 
 
-def sample_top_k(beam_scores: torch.Tensor, code_lp: torch.Tensor, k: int, generator=None, temperature: float = 1.0):
+def sample_top_k(beam_scores: torch.Tensor, code_lp: torch.Tensor, k: int, generator=None, temperature: float = 1.0,
+                 noise=None):
     """Like `select_top_k`, but the k (parent, code) pairs are SAMPLED without replacement from
-    softmax((S(h) + log p(v | h)) / T). Returns parent, code, score `[B, k]` in draw order (untempered
-    scores), -inf scores for empty slots."""
+    softmax((S(h) + log p(v | h)) / T) (with the Gumbel `noise [B, H * C]` when given). Returns parent,
+    code, score `[B, k]` in draw order (untempered scores), -inf scores for empty slots."""
     C = code_lp.shape[-1]
     total = (beam_scores.unsqueeze(-1) + code_lp).flatten(1)  # [B, H * C]
-    flat, valid = gumbel_top_k(total / temperature, k, generator)  # softmax is shift-invariant: no normalising
+    flat, valid = gumbel_top_k(total / temperature, k, generator, noise)  # softmax is shift-invariant: no normalising
     score = total.gather(1, flat).masked_fill(~valid, NEG_INF)
     return flat // C, flat % C, score
 

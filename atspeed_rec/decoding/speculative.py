@@ -3,7 +3,8 @@
 One round, for the requests at depth `cur` with H current beams (codes and TARGET scores):
 1. Draft: d = min(gamma, L - cur - 1) steps of width-N beam search from the current beams, starting
    from their target scores (strict: top-N of S + log q; relaxed: N sampled without replacement
-   from softmax(S + log q), keeping that distribution q_j). A tree of d levels x N nodes.
+   from softmax(S + log q), keeping that distribution q_j and the Gumbel noise of the draw). A tree
+   of d levels x N nodes.
 2. Target: ONE forward over the H beams' newest codes + the N*d tree tokens (first round: the prompt
    and the tree) with a tree attention mask (`tree.py`): its log-probs after every beam and tree node.
 3. Verify level i = 0..d. Strict: T_i = the top K of S_p(h) + log p(v | h), exactly what
@@ -11,14 +12,18 @@ One round, for the requests at depth `cur` with H current beams (codes and TARGE
    pairs that are not cannot reach T_{i+1} (each child scores <= its parent's S, as log p <= 0: when
    the K-th best child of the drafted pairs scores above every undrafted pair, none of their children
    is in T_{i+1}, so they are dropped), else (or at i == d, the bonus step) T_i is emitted and the
-   round stops: lossless. Relaxed: each
-   drafted node is accepted with prob min(1, p/q); with >= K accepted keep K of them, drawn without
-   replacement from p (the authors draw uniformly: a tree of N = 2K often accepts far more than K, and
-   uniform draws keep low-p nodes as often as the best) and go on, else keep them, fill up from the
-   residual max(p - q, 0) and stop. p and q are the softmax of
-   cumulative scores divided by a temperature T (`beam_sample`'s), 1 by default. The last code is
-   never drafted; relaxed mode keeps the target's top K there (`last_level` "top_k", the default)
-   or samples K as the paper does ("sample").
+   round stops: lossless. Relaxed, `relaxed_rule` "coupled" (the default): the draft drew its N
+   nodes as the top N of (S + log q) / T + g for Gumbel noise g on each (parent, code); the target
+   draws its K as the top K of (S_p + log p) / T + g with the SAME g, which is exactly beam sampling
+   (the noise on the pairs it sees is i.i.d. whatever the draft did), and the level is accepted iff
+   every pair drawn is a drafted node (strict's test on a sample): lossless with respect to
+   `beam_sample`, and a draft close to the target draws nearly the same pairs. "ratio" (the paper's):
+   each drafted node is accepted with prob min(1, p/q); with >= K accepted keep K of them, drawn
+   without replacement from p, and go on, else keep them, fill up from the residual max(p - q, 0) and
+   stop. It compares single-draw probabilities while both sides draw several without replacement, so
+   it keeps likely codes too rarely. p and q are the softmax of cumulative scores divided by a
+   temperature T (`beam_sample`'s), 1 by default. The last code is never drafted; relaxed mode keeps
+   the target's top K there (`last_level` "top_k", the default) or samples K as the paper does ("sample").
 A round advances (accepted levels + 1) codes. Requests at the same depth share the round's calls;
 deeper ones wait (the shallowest depth goes first), finished ones leave the batch, and so does a
 request whose remaining codes the trie decides for every live beam (one valid code each: log-prob 0,
@@ -81,16 +86,17 @@ def draft_tree(draft, kv, prompt_mask, beams: Beams, trie: CodeTrie, vocab: Code
                                              prompt_ids if kv is None else None)
         logprobs = lp_tree[:, -1] if j else lp_beams  # [G, h, L * C] after the newest level's nodes
         code_lp = masked_code_logprobs(logprobs, vocab, trie, nodes, cur + j)  # [G, h, C]
-        logq = None
+        logq = noise = None
         if mode == "strict":
             parent, code, scores = select_top_k(scores, code_lp, width)  # top-N of S + log q
         else:
             logq = torch.log_softmax((scores.unsqueeze(-1) + code_lp).flatten(1) / temperature, -1)
             logq = logq.view_as(code_lp)  # [G, h, C] q_j over (parent, code)
-            parent, code, scores = sample_top_k(scores, code_lp, width, generator, temperature)
+            noise = gumbel(code_lp.shape, generator, code_lp.device)  # [G, h, C] kept: the target may share it
+            parent, code, scores = sample_top_k(scores, code_lp, width, generator, temperature, noise.flatten(1))
         live = scores > NEG_INF
         nodes = torch.where(live, trie.step(nodes.gather(1, parent), code, cur + j), 0)  # [G, N]
-        tree = tree.grow(parent, code, live, logq)
+        tree = tree.grow(parent, code, live, logq, noise)
     return tree, kv
 
 
@@ -128,13 +134,18 @@ def strict_level(code_lp, scores, where, drafted, K: int):
     (a drafted node, or an empty pair, which needs none).
     """
     parent, code, score = select_top_k(scores, code_lp, K)  # T_i [G, K]
+    return (parent, code, score) + drafted_nodes(parent, code, score, where, drafted)
+
+
+def drafted_nodes(parent, code, score, where, drafted):
+    """The tree node `[G, K]` of each chosen pair (parent, code, score `[G, K]`) and whether it has one
+    (or is an empty pair, which needs none); no pair has one at the bonus level (`drafted` None)."""
     if drafted is None:
-        return parent, code, score, torch.zeros_like(parent), torch.zeros_like(parent, dtype=torch.bool)
-    parents, codes, alive, _ = drafted  # [G, N]
-    same = ((where.gather(1, parent).unsqueeze(-1) == parents.unsqueeze(1))
-            & (code.unsqueeze(-1) == codes.unsqueeze(1)) & alive.unsqueeze(1))  # [G, K, N] pair k is node n
+        return torch.zeros_like(parent), torch.zeros_like(parent, dtype=torch.bool)
+    same = ((where.gather(1, parent).unsqueeze(-1) == drafted.parents.unsqueeze(1))
+            & (code.unsqueeze(-1) == drafted.codes.unsqueeze(1)) & drafted.alive.unsqueeze(1))  # [G, K, N]
     held = same.any(-1) | (score == NEG_INF)  # empty beams need no node
-    return parent, code, score, same.long().argmax(-1), held
+    return same.long().argmax(-1), held
 
 
 def drop_unreachable(scores, held, code_lp_next, K: int):
@@ -185,7 +196,7 @@ def relaxed_draw(logp, drafted, where, beam_alive, K: int, generator=None):
     parent space; beam_alive: `[G, h]`. Returns pairs `[G, K]` (flat beam*C + code), their validity,
     their tree node (for accepted ones) and whether each request may continue `[G]`.
     """
-    parents, codes, alive, logq = drafted
+    parents, codes, alive, logq, _ = drafted
     G, N = codes.shape
     n_par, C = logq.shape[1:]
     h = where.shape[1]
@@ -210,9 +221,22 @@ def relaxed_draw(logp, drafted, where, beam_alive, K: int, generator=None):
     return flat, valid, node_of.gather(1, flat), go_on
 
 
-def relaxed_level(code_lp, scores, where, drafted, K: int, generator=None, temperature: float = 1.0):
-    """Relaxed rule of one level over p_i = softmax((S_p(h) + log p(v | h)) / T) on (current beam, code):
-    the K pairs of `relaxed_draw`, or K sampled from p_i at the bonus level (`drafted` None), with their
+def coupled_level(code_lp, scores, where, drafted, K: int, generator=None, temperature: float = 1.0):
+    """Coupled relaxed rule of one level: K pairs sampled without replacement from p_i = softmax((S_p(h) +
+    log p(v | h)) / T) with the Gumbel noise the draft drew its nodes with (fresh noise at the bonus level);
+    the request goes on iff every pair is a drafted node. The pairs are exactly `beam_sample`'s draw (the
+    noise of the pairs the target sees is i.i.d. Gumbel whatever the draft did), and a draft close to the
+    target drew nearly the same pairs from nearly the same keys. Same arguments and returns as `strict_level`."""
+    C = code_lp.shape[-1]
+    noise = None if drafted is None else drafted.noise.gather(1, where.unsqueeze(-1).expand(-1, -1, C))  # [G, h, C]
+    parent, code, score = sample_top_k(scores, code_lp, K, generator, temperature,
+                                       None if noise is None else noise.flatten(1))
+    return (parent, code, score) + drafted_nodes(parent, code, score, where, drafted)
+
+
+def ratio_level(code_lp, scores, where, drafted, K: int, generator=None, temperature: float = 1.0):
+    """The paper's relaxed rule of one level over p_i = softmax((S_p(h) + log p(v | h)) / T) on (current beam,
+    code): the K pairs of `relaxed_draw`, or K sampled from p_i at the bonus level (`drafted` None), with their
     untempered scores, in draw order. Same arguments and returns as `strict_level` (held: the request goes on)."""
     C = code_lp.shape[-1]
     total = (scores.unsqueeze(-1) + code_lp).flatten(1)  # [G, h*C] S_p(h) + log p(v | h)
@@ -226,11 +250,14 @@ def relaxed_level(code_lp, scores, where, drafted, K: int, generator=None, tempe
     return flat // C, flat % C, score, node.masked_fill(~valid, 0), go_on.unsqueeze(-1).expand_as(flat)
 
 
+RELAXED_RULES = {"coupled": coupled_level, "ratio": ratio_level}  # relaxed verification of one level
+
+
 def verify(lp_beams, lp_tree, tree: DraftTree, beams: Beams, fed, tree_start: int, K: int, trie: CodeTrie,
            vocab: CodeVocab, mode: str = "strict", generator=None, temperature: float = 1.0,
-           last_level: str = "top_k", bound: bool = True):
-    """Verification of one tree per request: at level i = 0..d the mode's rule (`strict_level`,
-    `relaxed_level`) picks K pairs; the rows that stop emit them, the others go on from their tree nodes.
+           last_level: str = "top_k", bound: bool = True, relaxed_rule: str = "coupled"):
+    """Verification of one tree per request: at level i = 0..d the mode's rule (`strict_level`, or
+    `RELAXED_RULES[relaxed_rule]`) picks K pairs; the rows that stop emit them, the others go on from their tree nodes.
     Strict with `bound`: a level whose undrafted pairs cannot reach the next top K goes on without them
     (`drop_unreachable`). At the ID's last code (always the bonus level: it is never drafted) relaxed
     mode keeps the top K when `last_level` is "top_k".
@@ -243,7 +270,8 @@ def verify(lp_beams, lp_tree, tree: DraftTree, beams: Beams, fed, tree_start: in
     dropping undrafted pairs `[G]`.
     """
     strict = mode == "strict"
-    rule = strict_level if strict else partial(relaxed_level, generator=generator, temperature=temperature)
+    rule = strict_level if strict else partial(RELAXED_RULES[relaxed_rule], generator=generator,
+                                               temperature=temperature)
     last_rule = strict_level if last_level == "top_k" else rule  # the last code: top K (strict's bonus step)
     G, H, cur = beams.codes.shape
     out = _empty_out(beams, K, tree.depth)
@@ -292,13 +320,15 @@ def grow_rows(kv, grown, rows):
 def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor,
                             attention_mask: torch.Tensor, num_beams: int, draft_beams: int, gamma: int,
                             mode: str = "strict", generator=None, temperature: float = 1.0,
-                            last_level: str = "top_k", bound: bool = True) -> tuple[BeamResult, SpecStats]:
+                            last_level: str = "top_k", bound: bool = True,
+                            relaxed_rule: str = "coupled") -> tuple[BeamResult, SpecStats]:
     """Top-`num_beams` valid items per left-padded prompt `input_ids [B, P]`, by speculative beam search.
 
     strict: the same items, order and scores (up to float noise) as `beam_search(target, ...)`; with `bound`
     (the default) a level also passes when its undrafted pairs provably cannot reach the next top K
     (`drop_unreachable`); False keeps the plain rule, for comparison.
-    relaxed: an approximation of `beam_sample(target, ..., temperature, last_level)`, sorted by target score.
+    relaxed: `beam_sample(target, ..., temperature, last_level)`'s distribution ("coupled" rule), or the
+    paper's approximation of it ("ratio"), sorted by target score.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -307,6 +337,8 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     check_last_level(last_level)
+    if relaxed_rule not in RELAXED_RULES:
+        raise ValueError(f"relaxed_rule must be one of {tuple(RELAXED_RULES)}, got {relaxed_rule!r}")
     B, K, N, L = input_ids.shape[0], num_beams, draft_beams, vocab.levels
     dev = input_ids.device
     codes = input_ids.new_zeros(B, K, L)
@@ -363,7 +395,8 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
                 beams_fed = torch.cat([fed[rows, :, :cur - 1], newest.view(1, H, 1).expand(G, H, 1)], -1)
                 tree_start = T + H
             new, advanced, new_fed, bounded = verify(lp_beams, lp_tree, tree, beams, beams_fed, tree_start, K, trie,
-                                                     vocab, mode, generator, temperature, last_level, bound)
+                                                     vocab, mode, generator, temperature, last_level, bound,
+                                                     relaxed_rule)
         width = new.codes.shape[-1]
         codes[rows, :, :width] = new.codes
         fed[rows, :, :width - 1] = new_fed

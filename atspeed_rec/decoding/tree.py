@@ -14,7 +14,8 @@ built in full for the lean forward (`models/fast_forward.py`): additive float, s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -28,6 +29,7 @@ class DraftTree:
     codes: torch.Tensor  # [G, d, N] code of each node (level j is depth cur + j)
     alive: torch.Tensor  # [G, d, N] False for padding nodes (fewer than N valid pairs)
     logq: list[torch.Tensor]  # relaxed only: level j's draft distribution over (parent, code), [G, n_parents, C]
+    noise: list[torch.Tensor] = field(default_factory=list)  # relaxed only: the Gumbel noise q_j was drawn with
 
     @staticmethod
     def empty(groups: int, width: int = 0, device=None) -> "DraftTree":
@@ -38,16 +40,27 @@ class DraftTree:
     def depth(self) -> int:
         return self.codes.shape[1]
 
-    def grow(self, parents: torch.Tensor, codes: torch.Tensor, alive: torch.Tensor, logq=None) -> "DraftTree":
-        """The tree with one more level of nodes `[G, N]` (and its q `[G, n_parents, C]` in relaxed mode)."""
+    def grow(self, parents: torch.Tensor, codes: torch.Tensor, alive: torch.Tensor, logq=None,
+             noise=None) -> "DraftTree":
+        """The tree with one more level of nodes `[G, N]` (and its q and noise `[G, n_parents, C]` in relaxed mode)."""
         def cat(old, new):
             return torch.cat([old, new.unsqueeze(1)], 1)  # [G, d + 1, N]
         return DraftTree(cat(self.parents, parents), cat(self.codes, codes), cat(self.alive, alive),
-                         self.logq + ([] if logq is None else [logq]))
+                         self.logq + ([] if logq is None else [logq]), self.noise + ([] if noise is None else [noise]))
 
-    def level(self, j: int):
-        """Level j's parents, codes, alive `[G, N]` and q_j `[G, n_parents, C]` (None in strict mode)."""
-        return self.parents[:, j], self.codes[:, j], self.alive[:, j], self.logq[j] if self.logq else None
+    def level(self, j: int) -> "DraftLevel":
+        """Level j's nodes; q_j and its noise are None in strict mode."""
+        return DraftLevel(self.parents[:, j], self.codes[:, j], self.alive[:, j],
+                          self.logq[j] if self.logq else None, self.noise[j] if self.noise else None)
+
+
+class DraftLevel(NamedTuple):
+    """One level of a `DraftTree`."""
+    parents: torch.Tensor  # [G, N] index of each node's parent (a current beam at level 0, else a node)
+    codes: torch.Tensor  # [G, N]
+    alive: torch.Tensor  # [G, N]
+    logq: torch.Tensor | None  # [G, n_parents, C] relaxed: the draft's distribution q_j over (parent, code)
+    noise: torch.Tensor | None  # [G, n_parents, C] relaxed: the Gumbel noise the nodes were drawn with
 
 
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,7 @@ class AtSpeedS(ProjectModel):
             raise ConfigError(f"sample_temperature={self.temperature}: relaxed sampling divides scores by it; "
                               "fix: a value > 0 (1 = plain beam sampling, smaller = closer to beam search)")
         self.last_level = str(config["relaxed_last_level"])  # relaxed: top K or K samples at the last code
+        self.relaxed_rule = str(config["relaxed_rule"])  # relaxed: how a drafted level is verified
         self.timed_batches = int(config["speedup_batches"])  # batches also decoded target-only
         self.single_requests = int(config["speedup_requests"])  # test requests also timed alone, both ways
         self.phase = "test"
@@ -117,7 +118,7 @@ class AtSpeedS(ProjectModel):
         self.generator = None  # reseeded at the next batch
 
     def decoding(self) -> str:
-        temperature = (f", temperature={self.temperature:g}, last code: {self.last_level}"
+        temperature = (f", rule={self.relaxed_rule}, temperature={self.temperature:g}, last code: {self.last_level}"
                        if self.verification == "relaxed" else "")
         return (f"{self.verification} speculative beam search: K={self.num_beams}, N={self.draft_beams}, "
                 f"gamma={self.gamma}{temperature}")
@@ -132,7 +133,7 @@ class AtSpeedS(ProjectModel):
         return speculative_beam_search(
             self.target.lm, self.draft, self.target.trie, self.target.vocab, input_ids, mask,
             self.eval_beams, n, gamma, mode=mode, generator=self.generator, temperature=self.temperature,
-            last_level=self.last_level)
+            last_level=self.last_level, relaxed_rule=self.relaxed_rule)
 
     def full_sort_predict(self, interaction):
         input_ids, mask = self.target.prompt(interaction)
@@ -159,7 +160,8 @@ class AtSpeedS(ProjectModel):
         """One test request `[1, P]` decoded as served (mode, K, temperature) on the tree (n, gamma)."""
         return speculative_beam_search(self.target.lm, self.draft, self.target.trie, self.target.vocab, ids, mask,
                                        self.num_beams, n, gamma, mode=self.verification, generator=generator,
-                                       temperature=self.temperature, last_level=self.last_level)
+                                       temperature=self.temperature, last_level=self.last_level,
+                                       relaxed_rule=self.relaxed_rule)
 
     def target_alone(self, ids, mask):
         """One test request `[1, P]` decoded by the target's own beam search at the served K: what

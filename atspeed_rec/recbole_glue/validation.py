@@ -218,6 +218,7 @@ def check_choices(config) -> None:
         parse_trees(config["tree_candidates"], num_beams)  # each [N, gamma] pair servable at K, or its own message
         from atspeed_rec.alignment.losses import ALIGN_LOSSES, DISTILLSPEC_DIVERGENCES
         from atspeed_rec.decoding.sampling import LAST_LEVELS
+        from atspeed_rec.decoding.speculative import RELAXED_RULES
 
         if not isinstance(config["serve_target_if_faster"], bool):
             raise ConfigError(f"serve_target_if_faster={config['serve_target_if_faster']!r} is not True or False; fix: "
@@ -226,6 +227,9 @@ def check_choices(config) -> None:
         if str(config["relaxed_last_level"]) not in LAST_LEVELS:
             raise ConfigError(f"relaxed_last_level={config['relaxed_last_level']!r} is unknown; fix: set "
                               f"--relaxed_last_level to one of {', '.join(LAST_LEVELS)}")
+        if str(config["relaxed_rule"]) not in RELAXED_RULES:
+            raise ConfigError(f"relaxed_rule={config['relaxed_rule']!r} is unknown; fix: set --relaxed_rule to one "
+                              f"of {', '.join(RELAXED_RULES)}")
         if str(config["align_loss"]) not in ALIGN_LOSSES:
             raise ConfigError(f"align_loss={config['align_loss']!r} is unknown; fix: set --align_loss to one of "
                               f"{', '.join(ALIGN_LOSSES)}")
