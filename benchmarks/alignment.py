@@ -58,8 +58,7 @@ def benchmark(args) -> None:
         requests = decoders.requests(args, {loss: s}, test, 1)
         for mode in args.modes:
             for k in args.ks:
-                n, gamma = decoders.tree_for(args, s, k)
-                row = decoders.measure(s, mode, requests, k, n, gamma, args.warmup, hf=False)
+                row = decoders.measure(s, mode, requests, k, decoders.tree_for(args, s, k), args.warmup, hf=False)
                 rows.append({**row, "loss": loss})
                 print(f"{loss} {mode} K={k}: {row['accepted']:.2f} accepted steps, {row['speedup']:.2f}x", flush=True)
     s = next(iter(served.values()))

@@ -4,8 +4,8 @@ Strict verification stops a round at the first level where one of the target's t
 drafted node. With the bound (the default, `drop_unreachable`), a level also passes when those pairs
 provably cannot reach the next top K: each child of a pair scores at most the pair itself, so when the
 K-th best child of the drafted pairs scores above every undrafted pair, beam search drops them too.
-For each K (`--ks`) on its tree (`--trees`, else --draft_beams/--gamma, else the config's), batch 1,
-the target's own `beam_search`, strict speculative decoding without the bound and with it run
+For each K (`--ks`) on its tree (`--trees`, else --draft_beams/--gamma/--draft_start, else the config's),
+batch 1, the target's own `beam_search`, strict speculative decoding without the bound and with it run
 interleaved on every sampled test user; both speculative outputs are checked item for item against
 `beam_search`.
 
@@ -34,14 +34,14 @@ def parse_args(argv=None):
     return args
 
 
-def measure(s, requests, k: int, n: int, gamma: int, warmup: int) -> dict:
+def measure(s, requests, k: int, tree, warmup: int) -> dict:
     """`beam_search`, plain strict and bounded strict on every request, interleaved: one row."""
     fns = {"ours": decoders.baseline_fn(s.model, "strict", k, None),
-           "plain": decoders.spec_fn(s.model, "strict", k, n, gamma, None, bound=False),
-           "bound": decoders.spec_fn(s.model, "strict", k, n, gamma, None, bound=True)}
+           "plain": decoders.spec_fn(s.model, "strict", k, tree, None, bound=False),
+           "bound": decoders.spec_fn(s.model, "strict", k, tree, None, bound=True)}
     res = common.interleaved(fns, requests, warmup)
     ours_t, target = res["ours"]
-    row = {"k": k, "n": n, "gamma": gamma, "ours_ms": 1000 * ours_t}
+    row = {"k": k, "n": tree.n, "gamma": tree.gamma, "ours_ms": 1000 * ours_t}
     for name in ("plain", "bound"):
         seconds, out = res[name]
         stats = [st for _, st in out]
@@ -59,10 +59,10 @@ def benchmark(args) -> None:
     requests = decoders.requests(args, served, test, 1)
     rows = []
     for k in args.ks:
-        n, gamma = decoders.tree_for(args, s, k)
-        r = measure(s, requests, k, n, gamma, args.warmup)
+        tree = decoders.tree_for(args, s, k)
+        r = measure(s, requests, k, tree, args.warmup)
         rows.append(r)
-        print(f"K={k} N={n} gamma={gamma}: {r['plain']['speedup']:.2f}x -> {r['bound']['speedup']:.2f}x, accepted "
+        print(f"K={k} {tree}: {r['plain']['speedup']:.2f}x -> {r['bound']['speedup']:.2f}x, accepted "
               f"{r['plain']['accepted']:.2f} -> {r['bound']['accepted']:.2f}", flush=True)
     users = len(requests)
     lines = decoders.header(args, "Strict verification with and without the bound (batch 1)", served)

@@ -54,9 +54,9 @@ def target_calls(out) -> float:
     return out.forward_calls
 
 
-def rows_for(s, mode: str, k: int, n: int, gamma: int, requests, warmup: int) -> list[dict]:
+def rows_for(s, mode: str, k: int, tree, requests, warmup: int) -> list[dict]:
     generator = decoders.generator(s)
-    fns = {"speculative": decoders.spec_fn(s.model, mode, k, n, gamma, generator),
+    fns = {"speculative": decoders.spec_fn(s.model, mode, k, tree, generator),
            decoders.BASELINE_OF_MODE[mode]: decoders.baseline_fn(s.model, mode, k, generator)}
     medians = common.interleaved(fns, requests, warmup)  # {search: (median seconds, outputs)}
     rows = [{"mode": mode, "search": search, "ms": 1e3 * medians[search][0], **stage_shares(fn, requests),
@@ -80,10 +80,11 @@ def benchmark(args) -> None:
     rows = []
     for mode in args.modes:
         s = served[mode]
-        n, gamma = decoders.tree_for(args, s, args.k)
-        rows += rows_for(s, mode, args.k, n, gamma, requests, args.warmup)
+        tree = decoders.tree_for(args, s, args.k)
+        rows += rows_for(s, mode, args.k, tree, requests, args.warmup)
     lines = decoders.header(args, "Where the time of one request goes", served)
-    lines += [f"K = {args.k}, N = {n}, gamma = {gamma}, batch 1. ms / request: median without the profiler; "
+    lines += [f"K = {args.k}, N = {tree.n}, gamma = {tree.gamma}, draft start = {tree.start}, batch 1. "
+              "ms / request: median without the profiler; "
               "stage shares: torch.profiler over the same requests (target: every target forward; verify: "
               "verification, or the baseline's trie-masked top-K; other: Python and bookkeeping outside the "
               "labelled stages); ms per target call: the target share of the median over the target calls.", "",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -37,7 +38,7 @@ class Served:
 
 
 def add_options(p, tree: bool = True) -> None:
-    """--modes; with `tree`, the draft tree of the decoding: --draft_beams (N) and --gamma."""
+    """--modes; with `tree`, the draft tree of the decoding: --draft_beams (N), --gamma and --draft_start."""
     p.add_argument("--modes", type=lambda s: s.replace(",", " ").split(), default=list(MODES),
                    help="verification modes, e.g. strict,relaxed")
     p.add_argument("--temperature", type=float, default=None,
@@ -50,32 +51,45 @@ def add_options(p, tree: bool = True) -> None:
                    "the checkpoint stays the one the config names")
     p.add_argument("--gamma", type=int, default=None,
                    help="draft levels per round of the decoding (default: the config's); not a property override")
+    p.add_argument("--draft_start", type=int, default=None,
+                   help="the first code the draft proposes (default: the config's); not a property override")
     p.add_argument("--trees", type=parse_trees, default={},
-                   help="a tree per K, K:N:gamma comma-separated (e.g. 1:8:3,10:20:2,20:40:1); other K use "
-                   "--draft_beams/--gamma or the config's")
+                   help="a tree per K, K:N:gamma or K:N:gamma:draft_start comma-separated (e.g. "
+                   "1:8:3,10:20:1:2,20:40:1); other K use --draft_beams/--gamma/--draft_start or the config's")
 
 
-def parse_trees(text: str) -> dict[int, tuple[int, int]]:
-    """`{K: (N, gamma)}` from 'K:N:gamma,...'."""
+class Tree(NamedTuple):
+    """A serving tree: N draft beams a level, gamma levels a round, drafted from code `start` on."""
+    n: int
+    gamma: int
+    start: int = 0
+
+
+def parse_trees(text: str) -> dict[int, Tree]:
+    """`{K: Tree}` from 'K:N:gamma[:start],...'."""
     trees = {}
     for part in text.replace(" ", ",").split(","):
         if part:
             try:
-                k, n, gamma = (int(x) for x in part.split(":"))
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{part!r} is not K:N:gamma (three integers)") from None
-            if n < k or gamma < 1:
-                raise argparse.ArgumentTypeError(f"{part!r}: N must be >= K and gamma >= 1")
-            trees[k] = (n, gamma)
+                k, *tree = (int(x) for x in part.split(":"))
+                tree = Tree(*tree)
+            except (ValueError, TypeError):
+                raise argparse.ArgumentTypeError(f"{part!r} is not K:N:gamma or K:N:gamma:draft_start "
+                                                 "(integers)") from None
+            if tree.n < k or tree.gamma < 1 or tree.start < 0:
+                raise argparse.ArgumentTypeError(f"{part!r}: N must be >= K, gamma >= 1 and draft_start >= 0")
+            trees[k] = tree
     return trees
 
 
-def tree_for(args, served, k: int) -> tuple[int, int]:
-    """(N, gamma) of the decoding at K = `k`: --trees, else --draft_beams/--gamma, else the config's (N >= K)."""
+def tree_for(args, served, k: int) -> Tree:
+    """The tree of the decoding at K = `k`: --trees, else --draft_beams/--gamma/--draft_start, else the
+    config's (N >= K)."""
     if k in args.trees:
         return args.trees[k]
     n = args.draft_beams or int(served.config["draft_beams"])
-    return max(n, k), args.gamma or int(served.config["gamma"])
+    start = args.draft_start if args.draft_start is not None else int(served.config["draft_start"])
+    return Tree(max(n, k), args.gamma or int(served.config["gamma"]), start)
 
 
 def check_modes(p, args) -> None:
@@ -142,11 +156,11 @@ def requests(args, served: dict, test, batch: int) -> list[common.Request]:
                                   s.config["device"])
 
 
-def spec_fn(model, mode: str, k: int, n: int, gamma: int, generator, bound: bool = True):
+def spec_fn(model, mode: str, k: int, tree: Tree, generator, bound: bool = True):
     t = model.target
-    return lambda ids, mask: speculative_beam_search(t.lm, model.draft, t.trie, t.vocab, ids, mask, k, n, gamma,
-                                                     mode, generator, model.temperature, model.last_level, bound,
-                                                     model.relaxed_rule)
+    return lambda ids, mask: speculative_beam_search(t.lm, model.draft, t.trie, t.vocab, ids, mask, k, tree.n,
+                                                     tree.gamma, mode, generator, model.temperature, model.last_level,
+                                                     bound, model.relaxed_rule, tree.start)
 
 
 def baseline_fn(model, mode: str, k: int, generator):
@@ -178,13 +192,13 @@ def acceptance_by_code(stats) -> str:
     return " / ".join(f"{a / v:.2f}" if v else "-" for a, v in zip(accepted.tolist(), verified.tolist()))
 
 
-def measure(s: Served, mode: str, requests, k: int, n: int, gamma: int, warmup: int, hf: bool) -> dict:
+def measure(s: Served, mode: str, requests, k: int, tree: Tree, warmup: int, hf: bool) -> dict:
     """One setting: speculative vs our target-only baseline (and HF generate), interleaved; acceptance;
     RecBole's metrics of every decoding ("metrics": {decoding: {metric@c: value}}) and how many request
     batches the speculative top-K items equal `beam_search`'s exactly."""
     model, gen = s.model, generator(s)
     t = model.target
-    fns = {"spec": spec_fn(model, mode, k, n, gamma, gen), "ours": baseline_fn(model, mode, k, gen)}
+    fns = {"spec": spec_fn(model, mode, k, tree, gen), "ours": baseline_fn(model, mode, k, gen)}
     if mode == "relaxed":  # the target's beam search too: the accuracy reference, and a second baseline
         fns["beam_search"] = lambda ids, mask: beam_search(t.lm, t.trie, t.vocab, ids, mask, k)
     if hf:
@@ -196,7 +210,7 @@ def measure(s: Served, mode: str, requests, k: int, n: int, gamma: int, warmup: 
     decoded = {"speculative": beams, "beam_search": target}
     if mode == "relaxed":
         decoded["beam_sample"] = res["ours"][1]
-    row = {"mode": mode, "k": k, "batch": requests[0].users, "n": n, "gamma": gamma,
+    row = {"mode": mode, "k": k, "batch": requests[0].users, "n": tree.n, "gamma": tree.gamma, "start": tree.start,
            "users": sum(r.users for r in requests), "spec_ms": 1000 * spec_t, "ours_ms": 1000 * res["ours"][0],
            "speedup": res["ours"][0] / spec_t, "search_ms": 1000 * search_t, "speedup_search": search_t / spec_t,
            "hf_ms": 1000 * res["hf"][0] if hf else None,

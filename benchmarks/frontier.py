@@ -1,9 +1,9 @@
-"""The draft tree's frontier: speculative speedup and acceptance over draft widths N x depths gamma.
+"""The draft tree's frontier: speculative speedup and acceptance over draft widths N x depths gamma x draft starts.
 
 One K (`--k`, default 10), batch 1: on each sampled test user the target-only baseline (strict:
-`beam_search`, relaxed: `beam_sample`) and speculative beam search with every (N, gamma) of the grid
-(`--n`, `--gamma`; N < K is skipped) run interleaved; speedup = median baseline time / median
-speculative time per request.
+`beam_search`, relaxed: `beam_sample`) and speculative beam search with every (N, gamma, draft start) of
+the grid (`--n`, `--gamma`, `--start`; N < K is skipped) run interleaved; speedup = median baseline time
+/ median speculative time per request.
 
     python benchmarks/frontier.py --dataset=amazon-beauty --data_path=DIR
 
@@ -24,6 +24,8 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=10, help="beam width K (items returned)")
     p.add_argument("--n", type=common.int_list, default=[10, 12, 15, 20, 30, 40], help="draft widths N")
     p.add_argument("--gamma", type=common.int_list, default=[1, 2, 3], help="draft levels per round")
+    p.add_argument("--start", type=common.int_list, default=[0],
+                   help="draft_start values: the first code the draft proposes (earlier ones: target steps)")
     decoders.add_options(p, tree=False)
     args = common.parse(p, argv, tuple(decoders.MODEL_OF_MODE.values()))
     decoders.check_modes(p, args)
@@ -31,16 +33,16 @@ def parse_args(argv=None):
 
 
 def run_frontier(s, mode: str, requests, k: int, grid, warmup: int) -> list[dict]:
-    """The baseline and every (N, gamma) tree on each request, interleaved: one row per tree."""
+    """The baseline and every (N, gamma, start) tree on each request, interleaved: one row per tree."""
     generator = decoders.generator(s)
     fns = {"ours": decoders.baseline_fn(s.model, mode, k, generator)}
-    fns.update({(n, g): decoders.spec_fn(s.model, mode, k, n, g, generator) for n, g in grid})
+    fns.update({tree: decoders.spec_fn(s.model, mode, k, tree, generator) for tree in grid})
     res = common.interleaved(fns, requests, warmup)
     rows = []
-    for n, g in grid:
-        spec_t, out = res[(n, g)]
+    for n, g, start in grid:
+        spec_t, out = res[(n, g, start)]
         accepted, calls, rate = decoders.acceptance([stats for _, stats in out])
-        rows.append({"mode": mode, "k": k, "n": n, "gamma": g, "spec_ms": 1000 * spec_t,
+        rows.append({"mode": mode, "k": k, "n": n, "gamma": g, "start": start, "spec_ms": 1000 * spec_t,
                      "ours_ms": 1000 * res["ours"][0], "speedup": res["ours"][0] / spec_t,
                      "accepted": accepted, "calls": calls, "rate": rate,
                      "by_code": decoders.acceptance_by_code([stats for _, stats in out])})
@@ -49,7 +51,7 @@ def run_frontier(s, mode: str, requests, k: int, grid, warmup: int) -> list[dict
 
 def benchmark(args) -> None:
     served, test = decoders.load(args)
-    grid = [(n, g) for n in args.n for g in args.gamma if n >= args.k]
+    grid = [decoders.Tree(n, g, start) for start in args.start for n in args.n for g in args.gamma if n >= args.k]
     requests = decoders.requests(args, served, test, 1)
     rows = []
     for mode in args.modes:
@@ -60,12 +62,14 @@ def benchmark(args) -> None:
               "speculative, batch 1, every tree and the baseline interleaved on the same requests. Acceptance by "
               "code: accepted / verified drafted levels at the 1st, 2nd, ... code of the ID (a round stops at its "
               "first rejected level).", "",
-              *common.table(["mode", "K", "N", "gamma", "nodes per round (<=)", "SD ms", "ours ms", "speedup",
-                             "accepted steps", "target calls", "acceptance", "acceptance by code"],
-                            [[r["mode"], r["k"], r["n"], r["gamma"], r["n"] * r["gamma"], f"{r['spec_ms']:.1f}",
-                              f"{r['ours_ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['accepted']:.2f}",
-                              f"{r['calls']:.2f}", f"{r['rate']:.2f}", r["by_code"]] for r in rows])]
-    label = lambda r: f"{r['mode']}, gamma {r['gamma']}"  # noqa: E731
+              *common.table(["mode", "K", "N", "gamma", "draft start", "nodes per round (<=)", "SD ms", "ours ms",
+                             "speedup", "accepted steps", "target calls", "acceptance", "acceptance by code"],
+                            [[r["mode"], r["k"], r["n"], r["gamma"], r["start"], r["n"] * r["gamma"],
+                              f"{r['spec_ms']:.1f}", f"{r['ours_ms']:.1f}", f"{r['speedup']:.2f}x",
+                              f"{r['accepted']:.2f}", f"{r['calls']:.2f}", f"{r['rate']:.2f}", r["by_code"]]
+                             for r in rows])]
+    starts = "" if len(args.start) == 1 else ", start {}"
+    label = lambda r: f"{r['mode']}, gamma {r['gamma']}" + starts.format(r["start"])  # noqa: E731
     common.plot_lines(args.plot, [("speedup vs ours", common.series(rows, label, "n", "speedup")),
                                   ("accepted steps per request", common.series(rows, label, "n", "accepted"))],
                       "N (draft beams per level)", f"{args.dataset}, K = {args.k}, batch 1, {decoders.weights(served)}")

@@ -54,17 +54,18 @@ def benchmark(args) -> None:
     requests = decoders.requests(args, served, test, 1)
     rows = []
     for k in args.ks:
-        n, gamma = decoders.tree_for(args, s, k)
+        tree = decoders.tree_for(args, s, k)
         fns = {}
         for how in ("modules", "fused"):
             fns[f"search {how}"] = with_modules(lms, how == "fused", decoders.baseline_fn(s.model, "strict", k, None))
-            spec = decoders.spec_fn(s.model, "strict", k, n, gamma, None)
+            spec = decoders.spec_fn(s.model, "strict", k, tree, None)
             fns[f"speculative {how}"] = with_modules(lms, how == "fused", lambda ids, mask, f=spec: f(ids, mask)[0])
         res = common.interleaved(fns, requests, args.warmup)
         ms = {name: 1e3 * seconds for name, (seconds, _) in res.items()}
         for what in ("search", "speculative"):
             same = sum(torch.equal(a.items, b.items) for a, b in zip(res[f"{what} modules"][1], res[f"{what} fused"][1]))
-            rows.append([k, what + (f" (N {n}, gamma {gamma})" if what == "speculative" else ""),
+            name = f" (N {tree.n}, gamma {tree.gamma}, draft start {tree.start})" if what == "speculative" else ""
+            rows.append([k, what + name,
                          f"{ms[f'{what} modules']:.1f}", f"{ms[f'{what} fused']:.1f}",
                          f"{ms[f'{what} modules'] / ms[f'{what} fused']:.2f}x", f"{same}/{len(requests)}"])
         rows.append([k, "speedup (search / speculative)", f"{ms['search modules'] / ms['speculative modules']:.2f}x",

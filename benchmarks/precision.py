@@ -52,8 +52,8 @@ def benchmark(args) -> None:
     lm32 = torch.nn.Module.float(copy.deepcopy(t.lm))  # transformers refuses .float() on GGUF-loaded models
     rows = []
     for k in args.ks:
-        spec_k = decoders.spec_fn(s.model, "strict", k, max(int(s.config["draft_beams"]), k), int(s.config["gamma"]),
-                                  None)
+        tree = decoders.Tree(max(int(s.config["draft_beams"]), k), int(s.config["gamma"]), int(s.config["draft_start"]))
+        spec_k = decoders.spec_fn(s.model, "strict", k, tree, None)
         b1 = [beam_search(t.lm, t.trie, t.vocab, r.ids, r.mask, k).items[0] for r in single]
         bb = [row for r in batched for row in beam_search(t.lm, t.trie, t.vocab, r.ids, r.mask, k).items]
         f32 = [beam_search(lm32, t.trie, t.vocab, r.ids, r.mask, k).items[0] for r in single]

@@ -43,8 +43,8 @@ def benchmark(args) -> None:
         for mode in args.modes:
             s = served[mode]
             for k in args.ks:
-                n, gamma = decoders.tree_for(args, s, k)
-                r = decoders.measure(s, mode, requests, k, n, gamma, args.warmup, not args.skip_hf)
+                tree = decoders.tree_for(args, s, k)
+                r = decoders.measure(s, mode, requests, k, tree, args.warmup, not args.skip_hf)
                 rows.append(r)
                 print(f"{mode} K={k} batch={batch}: {r['speedup']:.2f}x vs ours, "
                       f"{common.fmt(r['speedup_hf'], '{:.2f}x')} vs HF, {r['accepted']:.2f} accepted steps", flush=True)
@@ -57,8 +57,8 @@ def benchmark(args) -> None:
 
 
 def tables(rows) -> list[str]:
-    speed = [[r["mode"], r["k"], r["batch"], r["n"], r["gamma"], f"{r['spec_ms']:.1f}", f"{r['ours_ms']:.1f}",
-              f"{r['search_ms']:.1f}", f"{r['speedup_search']:.2f}x",
+    speed = [[r["mode"], r["k"], r["batch"], r["n"], r["gamma"], r["start"], f"{r['spec_ms']:.1f}",
+              f"{r['ours_ms']:.1f}", f"{r['search_ms']:.1f}", f"{r['speedup_search']:.2f}x",
               common.fmt(r["hf_ms"], "{:.1f}"), f"{r['speedup']:.2f}x", common.fmt(r["speedup_hf"], "{:.2f}x"),
               f"{r['accepted']:.2f}", f"{r['calls']:.2f}", f"{r['rate']:.2f}", r["by_code"],
               f"{r['identical']}/{r['users'] // r['batch']}"] for r in rows]
@@ -72,7 +72,7 @@ def tables(rows) -> list[str]:
             "Accepted steps and target calls are per request; acceptance by code = accepted / verified drafted "
             "levels at the ID's 1st, 2nd, ... code; 'identical' = request batches whose speculative "
             "top-K items equal `beam_search`'s exactly.", "",
-            *common.table(["mode", "K", "batch", "N", "gamma", "SD ms", "ours ms", "beam search ms",
+            *common.table(["mode", "K", "batch", "N", "gamma", "draft start", "SD ms", "ours ms", "beam search ms",
                            "speedup vs beam search", "HF ms", "speedup vs ours",
                            "speedup vs HF", "accepted steps", "target calls", "acceptance", "acceptance by code",
                            "identical"], speed),

@@ -113,6 +113,7 @@ def slow_trees(monkeypatch, delay: dict) -> list:
     served = []
 
     def slowed(*args, **kwargs):
+        assert kwargs["draft_start"] == 0
         served.append(args[7:9])  # (N, gamma)
         time.sleep(delay[args[7:9]])
         return speculative_beam_search(*args, **kwargs)
@@ -129,7 +130,7 @@ def test_the_test_pass_serves_the_fastest_of_the_candidate_trees(synth_root, in_
         for batch in batches:
             model.full_sort_predict(batch)
     assert served[:12].count((20, 3)) == 4 and served[:12].count((40, 1)) == 4  # 4 requests (1 warm-up) x 3 trees
-    assert (model.draft_beams, model.gamma) == (20, 1) and set(served[12:]) == {(20, 1)}  # then served alone
+    assert model.tree == (20, 1, 0) and set(served[12:]) == {(20, 1)}  # then served alone
 
 
 def test_the_tuning_warns_when_no_tree_beats_the_targets_own_search(synth_root, in_tmp_dir, monkeypatch, caplog):
@@ -174,8 +175,15 @@ def test_strict_serving_falls_back_to_the_targets_own_search_when_no_tree_beats_
     assert summary["accepted_steps"] == 0 and summary["target_calls"] >= 1
 
 
+def test_a_candidate_tree_without_a_draft_start_takes_the_configured_one():
+    assert atspeed.parse_trees([[20, 1], [30, 2, 2], (40, 1, 0)], 20, draft_start=1) == [(20, 1, 1), (30, 2, 2),
+                                                                                          (40, 1, 0)]
+
+
 def test_candidate_trees_narrower_than_k_or_malformed_are_refused(synth_root, in_tmp_dir, capsys):
     assert run(synth_root, "AtSpeedS", in_tmp_dir / "x.json", tree_candidates="[[10,1]]") == 2
     assert "N >= num_beams=20" in capsys.readouterr().err
     assert run(synth_root, "AtSpeedS", in_tmp_dir / "y.json", tree_candidates="[20]") == 2
-    assert "not a list of [N, gamma] pairs" in capsys.readouterr().err
+    assert "not a list of [N, gamma] or [N, gamma, draft_start] trees" in capsys.readouterr().err
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "z.json", tree_candidates="[[20,1,-1]]") == 2
+    assert "draft_start >= 0" in capsys.readouterr().err

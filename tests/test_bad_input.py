@@ -187,6 +187,7 @@ def test_one_level_semantic_ids_pass_for_genrec(synth_root):
     ("GenRec", "--num_beams=0", ["num_beams=0", "--num_beams=1 or more"]),
     ("AtSpeedR", "--draft_beams=0", ["draft_beams=0", "--draft_beams=1 or more"]),
     ("AtSpeedR", "--gamma=0", ["gamma=0", "at least one level", "--gamma=1"]),
+    ("AtSpeedS", "--draft_start=-1", ["draft_start=-1", "position in the ID", "--draft_start=0"]),
     ("AtSpeedS", "--K_train=0", ["K_train=0", "--K_train=20"]),
     ("AtSpeedS", "--teacher_per_user=-1", ["teacher_per_user=-1", "--teacher_per_user=0"]),
     ("AtSpeedS", "--teacher_users=-1", ["teacher_users=-1", "--teacher_users=0"]),

@@ -96,11 +96,14 @@ def test_a_relaxed_temperature_is_a_decoding_setting_of_the_benchmark(synth_root
 
 
 def test_each_k_is_decoded_on_the_tree_trees_names_for_it(synth_root, in_tmp_dir):
-    argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--ks=1,3", "--batches=1", "--requests=2",
-                    "--warmup=1", "--skip_hf", "--modes=strict", "--trees=1:2:3", "--draft_beams=6", "--gamma=2")
+    argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--ks=1,3,5", "--batches=1", "--requests=2",
+                    "--warmup=1", "--skip_hf", "--modes=strict", "--trees=1:2:3,5:6:1:2", "--draft_beams=6",
+                    "--gamma=2")
     assert speculative.main(argv) == 0
     speed, _ = tables(in_tmp_dir / "table.md")
-    assert [(r["K"], r["N"], r["gamma"]) for r in speed] == [("1", "2", "3"), ("3", "6", "2")]
+    assert [(r["K"], r["N"], r["gamma"], r["draft start"]) for r in speed] == [
+        ("1", "2", "3", "0"), ("3", "6", "2", "0"), ("5", "6", "1", "2")]
+    assert speed[2]["acceptance by code"].startswith("- / - / ")  # codes 1 and 2: the target's own steps
     assert (in_tmp_dir / "table.png").stat().st_size > 0  # the plot goes beside a custom --output
     with pytest.raises(SystemExit):
         speculative.main([*argv, "--trees=3:2:1"])  # N < K
@@ -108,11 +111,11 @@ def test_each_k_is_decoded_on_the_tree_trees_names_for_it(synth_root, in_tmp_dir
 
 def test_frontier_times_every_draft_tree(synth_root, in_tmp_dir):
     argv = run_args(synth_root, in_tmp_dir, f"--plot={in_tmp_dir / 'plot.png'}", "--allow_untrained",
-                    "--k=3", "--n=2,3,6", "--gamma=1,2", "--requests=4", "--warmup=1")
+                    "--k=3", "--n=2,3,6", "--gamma=1,2", "--start=0,1", "--requests=4", "--warmup=1")
     assert frontier.main(argv) == 0
     (rows,) = tables(in_tmp_dir / "table.md")
-    assert sorted((r["mode"], r["N"], r["gamma"]) for r in rows) == sorted(  # N < K is skipped
-        (m, n, g) for m in ("strict", "relaxed") for n in ("3", "6") for g in ("1", "2"))
+    assert sorted((r["mode"], r["N"], r["gamma"], r["draft start"]) for r in rows) == sorted(  # N < K is skipped
+        (m, n, g, s) for m in ("strict", "relaxed") for n in ("3", "6") for g in ("1", "2") for s in ("0", "1"))
     assert all(r["K"] == "3" and number(r["speedup"]) > 0 for r in rows)
     for r in rows:  # accepted / verified at the 1st-3rd code: rates, or "-" where no round got that far
         assert all(v == "-" or 0 <= float(v) <= 1 for v in r["acceptance by code"].split(" / "))
@@ -308,7 +311,7 @@ def test_fused_times_the_modules_and_the_fused_weights_on_the_same_requests(synt
     (rows,) = tables(in_tmp_dir / "table.md")
     assert [(r["K"], r["decoder"].split(" (")[0]) for r in rows] == [
         (k, d) for k in ("1", "3") for d in ("search", "speculative", "speedup")]
-    assert rows[4]["decoder"] == "speculative (N 6, gamma 2)"  # the tree --trees names for K = 3
+    assert rows[4]["decoder"] == "speculative (N 6, gamma 2, draft start 0)"  # the tree --trees names for K = 3
     for r in rows:
         assert number(r["modules ms"]) > 0 and number(r["fused ms"]) > 0
         if r["decoder"] != "speedup (search / speculative)":

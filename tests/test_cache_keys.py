@@ -30,6 +30,7 @@ NOT_WEIGHTS = {
     "train_compile": "how the same training steps run (fused kernels): float noise only",
     "draft_beams": "the serving tree's width: the draft is validated on its own tree (draft_valid_width)",
     "gamma": "the serving tree's depth: the draft is validated on its own tree (draft_valid_gamma)",
+    "draft_start": "where the serving tree starts: the draft is validated on its own tree, from the first code",
     "tree_candidates": "serving trees timed before the test pass: the draft is validated on its own tree",
     "tree_tuning_requests": "how many test requests time the serving trees",
     "serve_target_if_faster": "whether the test pass may serve the target's own search: the draft is not used",

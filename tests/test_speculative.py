@@ -80,13 +80,16 @@ def assert_valid_distinct_sorted(result, trie, model, ids, mask):
 
 @SETTINGS
 @given(seed=st.integers(0, 3), k=st.sampled_from([1, 3, 10]), extra=st.sampled_from([0, 1, 7, 15]),
-       gamma=st.integers(1, 3), batch=st.sampled_from([1, 3]), self_draft=st.booleans(), bound=st.booleans())
-def test_strict_mode_returns_exactly_what_beam_search_returns(seed, k, extra, gamma, batch, self_draft, bound):
+       gamma=st.integers(1, 3), batch=st.sampled_from([1, 3]), self_draft=st.booleans(), bound=st.booleans(),
+       start=st.sampled_from([0, 0, 1, 2, 3]))
+def test_strict_mode_returns_exactly_what_beam_search_returns(seed, k, extra, gamma, batch, self_draft, bound, start):
     codes, trie, target, draft = world(seed)
     ids, mask = prompts(codes, batch, seed)
     spec, stats = speculative_beam_search(target, target if self_draft else draft, trie, VOCAB, ids, mask,
-                                          num_beams=k, draft_beams=k + extra, gamma=gamma, bound=bound)
+                                          num_beams=k, draft_beams=k + extra, gamma=gamma, bound=bound,
+                                          draft_start=start)
     assert_same_as_beam_search(spec, beam_search(target, trie, VOCAB, ids, mask, num_beams=k))
+    assert not stats.verified_at[:, :start].any()  # codes before draft_start: the target's own steps
     assert (stats.accepted_steps + stats.rounds + stats.forced_steps == 4).all()  # a round advances accepted + 1
     assert (stats.accepted_steps <= stats.drafted_levels).all()
     assert (stats.bounded_steps <= stats.accepted_steps).all() and (bound or not stats.bounded_steps.any())
@@ -155,6 +158,21 @@ def test_a_draft_equal_to_the_target_is_accepted_at_every_level():
             _, stats = speculative_beam_search(target, target, trie, VOCAB, ids, mask, k, k, gamma=3, mode="relaxed",
                                                generator=torch.Generator().manual_seed(k), temperature=temperature)
             assert stats.accepted_steps.tolist() == [3, 3, 3]
+
+
+def test_with_a_later_draft_start_the_first_codes_are_the_targets_own_steps():
+    codes, trie, target, _ = world(0)
+    ids, mask = prompts(codes, 3, 0)
+    for start, calls, accepted in [(1, 2, 2), (2, 3, 1), (3, 4, 0), (9, 4, 0)]:  # a draft equal to the target
+        spec, stats = speculative_beam_search(target, target, trie, VOCAB, ids, mask, 3, 3, gamma=3, draft_start=start)
+        assert_same_as_beam_search(spec, beam_search(target, trie, VOCAB, ids, mask, 3))
+        assert (stats.rounds + stats.forced_steps).tolist() == [calls] * 3  # a round is a target call
+        assert stats.accepted_steps.tolist() == [accepted] * 3
+        assert stats.draft_calls == accepted  # no draft pass before draft_start (its first one encodes the prompts)
+        sampled, stats = speculative_beam_search(target, target, trie, VOCAB, ids, mask, 3, 3, gamma=3, mode="relaxed",
+                                                 generator=torch.Generator().manual_seed(start), draft_start=start)
+        assert_valid_distinct_sorted(sampled, trie, target, ids, mask)
+        assert stats.accepted_steps.tolist() == [accepted] * 3
 
 
 def test_an_adversarial_draft_still_gives_the_exact_strict_output():
@@ -409,5 +427,8 @@ def test_coupled_relaxed_mode_keeps_each_item_as_often_as_beam_sampling_and_the_
                                           generator=g, temperature=temperature, last_level="sample",
                                           relaxed_rule=rule) for rule in ("coupled", "ratio")}
     torch.testing.assert_close(kept(spec["coupled"][0]), reference, atol=0.045, rtol=0)  # difference std <= 0.011
+    later, _ = speculative_beam_search(target, draft, trie, VOCAB, ids, mask, 3, 6, gamma=3, mode="relaxed",
+                                       generator=g, temperature=temperature, last_level="sample", draft_start=1)
+    torch.testing.assert_close(kept(later), reference, atol=0.045, rtol=0)  # the first code by the target's own draw
     assert (kept(spec["ratio"][0]) - reference).abs().max() > 0.15  # min(1, p/q) on single draws: not beam sampling
     assert spec["coupled"][1].accepted_steps.sum() > spec["ratio"][1].accepted_steps.sum()

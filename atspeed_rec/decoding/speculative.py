@@ -1,7 +1,8 @@
 """Speculative beam search (AtSpeed): a small draft proposes a tree of beams, the target verifies it in one pass.
 
 One round, for the requests at depth `cur` with H current beams (codes and TARGET scores):
-1. Draft: d = min(gamma, L - cur - 1) steps of width-N beam search from the current beams, starting
+1. Draft: d = min(gamma, L - cur - 1) steps of width-N beam search from the current beams (d = 0 while cur <
+   `draft_start`: the round is then a plain target beam-search step), starting
    from their target scores (strict: top-N of S + log q; relaxed: N sampled without replacement
    from softmax(S + log q), keeping that distribution q_j and the Gumbel noise of the draw). A tree
    of d levels x N nodes.
@@ -30,9 +31,15 @@ request whose remaining codes the trie decides for every live beam (one valid co
 no model needed; `beam_search` skips such steps too). The target's cache keeps every token it was
 fed (the tree included; rows of other rounds get padding): a new beam's codes are the root beam's,
 the accepted nodes' and the new one, so only the newest is fed, the others are found by cache index.
-The draft keeps only its prompt KV and re-feeds the beam paths and the tree grown so far at each
-level: it is tiny, its cost is per call, and a few dozen re-fed tokens cost it less than the
-bookkeeping.
+The draft keeps only its prompt KV (encoded by its first pass, in the first round it drafts) and
+re-feeds the beam paths and the tree grown so far at each level: it is tiny, its cost is per call, and
+a few dozen re-fed tokens cost it less than the bookkeeping.
+
+`draft_start` skips the draft where it is weakest: a draft level pays only when it is accepted often
+enough to save a target call (a level of N tree tokens costs ~N ms of target time on a CPU, a call
+~40 ms), and the draft is accepted least at the ID's first codes (they are the user's taste; the later
+ones mostly narrow an item down). With draft_start = s the target decodes codes 0..s-1 by its own
+beam-search steps, and the draft proposes from code s on.
 """
 
 from __future__ import annotations
@@ -316,12 +323,18 @@ def grow_rows(kv, grown, rows):
     return out
 
 
+def scatter_rows(kv, rows, B: int):
+    """A cache of `B` rows holding `kv` (of `rows`) at those rows; the other rows are zeros nothing reads."""
+    return [(k.new_zeros(B, *k.shape[1:]).index_copy_(0, rows, k), v.new_zeros(B, *v.shape[1:]).index_copy_(0, rows, v))
+            for k, v in kv]
+
+
 @torch.no_grad()
 def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor,
                             attention_mask: torch.Tensor, num_beams: int, draft_beams: int, gamma: int,
                             mode: str = "strict", generator=None, temperature: float = 1.0,
                             last_level: str = "top_k", bound: bool = True,
-                            relaxed_rule: str = "coupled") -> tuple[BeamResult, SpecStats]:
+                            relaxed_rule: str = "coupled", draft_start: int = 0) -> tuple[BeamResult, SpecStats]:
     """Top-`num_beams` valid items per left-padded prompt `input_ids [B, P]`, by speculative beam search.
 
     strict: the same items, order and scores (up to float noise) as `beam_search(target, ...)`; with `bound`
@@ -329,11 +342,13 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
     (`drop_unreachable`); False keeps the plain rule, for comparison.
     relaxed: `beam_sample(target, ..., temperature, last_level)`'s distribution ("coupled" rule), or the
     paper's approximation of it ("ratio"), sorted by target score.
+    draft_start: the first code position the draft proposes; the codes before it are plain target steps.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if draft_beams < num_beams or gamma < 1:
-        raise ValueError(f"need draft_beams >= num_beams and gamma >= 1, got {draft_beams}, {num_beams}, {gamma}")
+    if draft_beams < num_beams or gamma < 1 or draft_start < 0:
+        raise ValueError(f"need draft_beams >= num_beams, gamma >= 1 and draft_start >= 0, got {draft_beams}, "
+                         f"{num_beams}, {gamma}, {draft_start}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     check_last_level(last_level)
@@ -374,18 +389,19 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
                 beams = Beams(codes[rows, :, :cur], scores[rows], nodes[rows])
         H, T = beams.codes.shape[1], input_ids.shape[1] if first else target_kv[0][0].shape[2]
         ids = input_ids[rows] if first else None
-        d = min(gamma, L - cur - 1)
+        d = min(gamma, L - cur - 1) if cur >= draft_start else 0
+        encode = draft_kv is None  # the draft's first pass encodes the prompts too
         with record_function(STAGES["draft"]):
-            tree, kv = draft_tree(draft, None if first else cache_rows(draft_kv, rows), mask, beams, trie, vocab,
-                                  d, N, mode, generator, temperature, ids)
+            tree, kv = draft_tree(draft, None if encode else cache_rows(draft_kv, rows), mask, beams, trie, vocab,
+                                  d, N, mode, generator, temperature, input_ids[rows] if encode else None)
+        if encode and d:  # every request still decoding is in this round (rounds before it advanced all by 1)
+            draft_kv = kv if G == B else scatter_rows(kv, rows, B)
         stats.draft_calls += d
         with record_function(STAGES["target"]):  # the beams' newest codes (their earlier ones are cached) + the tree
             lp_beams, lp_tree, kv_t = tree_forward(target, vocab, mask, beams.codes, tree,
                                                    None if first else cache_rows(target_kv, rows), ids,
                                                    fed[rows, :H, :max(cur - 1, 0)])  # [G, H, cur - 1]
             target_kv = kv_t if G == B else grow_rows(target_kv, kv_t, rows)
-        if first:
-            draft_kv = kv
         calls += 1
         with record_function(STAGES["verify"]):
             if first:  # the prompt took cache indices 0..T-1, the tree follows

@@ -3,8 +3,8 @@
 The models hold the target (frozen), the draft and the decoding settings; how they are trained
 (target, teacher data, draft) is the pipeline's job (`pipeline.py`). Evaluation decodes with
 speculative beam search (strict top-K verification for AtSpeedS, relaxed sampling verification
-for AtSpeedR) on the serving tree (`draft_beams`, `gamma`; or, with `tree_candidates`, the fastest
-of those trees timed on the first test requests) and reports beside Recall and NDCG the speedup over
+for AtSpeedR) on the serving tree (`draft_beams`, `gamma`, `draft_start`; or, with `tree_candidates`,
+the fastest of those trees timed on the first test requests) and reports beside Recall and NDCG the speedup over
 the target's own beam search and the acceptance statistics (`SpecMeter`). When that timing finds no
 tree faster than the target's own search, AtSpeedS serves that search (`serve_target_if_faster`):
 strict verification returns its output anyway.
@@ -35,24 +35,36 @@ DRAFT_KEYS = ("draft_n_layers", "draft_hidden_size", "draft_n_heads", "draft_inn
               "draft_epochs", "draft_eval_step", "draft_checkpoint",
               "draft_valid_beams", "draft_valid_requests", "draft_valid_width",
               "draft_valid_gamma")  # the last four: the validation that picks the best epoch
-# Not in the key: the serving tree (draft_beams, gamma) and relaxed sampling's temperature. The draft is
-# validated on a tree of its own (strict, draft_valid_*), so serving settings are tuned without retraining.
+# Not in the key: the serving tree (draft_beams, gamma, draft_start) and relaxed sampling's temperature. The
+# draft is validated on a tree of its own (strict, draft_valid_*), so serving settings are tuned without retraining.
 TEACHER_KEYS = ("K_train", "teacher_per_user", "teacher_users")  # which samples, how many beams
 ALIGN_KEYS = ("align_loss", "alpha", "tau", "beta", "distillspec_divergence", *TEACHER_KEYS)
 
 
-def parse_trees(value, num_beams: int) -> list[tuple[int, int]]:
-    """`tree_candidates` as (N, gamma) pairs, each a tree the K = `num_beams` search can be served with."""
+def parse_trees(value, num_beams: int, draft_start: int = 0) -> list[tuple[int, int, int]]:
+    """`tree_candidates` as (N, gamma, draft_start) trees, each servable by the K = `num_beams` search; a
+    candidate [N, gamma] takes the configured `draft_start`."""
+    trees = []
     try:
-        trees = [(int(n), int(gamma)) for n, gamma in (value or [])]
+        for tree in value or []:
+            if not 2 <= len(tree) <= 3:
+                raise ValueError(tree)
+            n, gamma, *start = (int(x) for x in tree)
+            trees.append((n, gamma, start[0] if start else int(draft_start)))
     except (TypeError, ValueError):
-        raise ConfigError(f"tree_candidates={value!r} is not a list of [N, gamma] pairs; fix: e.g. "
-                          "--tree_candidates='[[20,1],[40,1],[20,3]]', or [] to serve draft_beams and gamma") from None
-    bad = [tree for tree in trees if tree[0] < num_beams or tree[1] < 1]
+        raise ConfigError(f"tree_candidates={value!r} is not a list of [N, gamma] or [N, gamma, draft_start] trees; "
+                          "fix: e.g. --tree_candidates='[[20,1],[40,1],[20,1,2]]', or [] to serve draft_beams, "
+                          "gamma and draft_start") from None
+    bad = [tree for tree in trees if tree[0] < num_beams or tree[1] < 1 or tree[2] < 0]
     if bad:
-        raise ConfigError(f"tree_candidates {bad}: every tree needs N >= num_beams={num_beams} and gamma >= 1; "
-                          f"fix: drop them or raise their N to {num_beams}")
+        raise ConfigError(f"tree_candidates {bad}: every tree needs N >= num_beams={num_beams}, gamma >= 1 and "
+                          f"draft_start >= 0; fix: drop them or raise their N to {num_beams}")
     return trees
+
+
+def tree_name(tree: tuple[int, int, int]) -> str:
+    n, gamma, start = tree
+    return f"N {n} gamma {gamma}" + (f" from code {start}" if start else "")
 
 
 class AtSpeedS(ProjectModel):
@@ -72,13 +84,15 @@ class AtSpeedS(ProjectModel):
         self.valid_beams = min(int(config["draft_valid_beams"]), self.num_beams)
         self.valid_tree = (max(int(config["draft_valid_width"]), self.valid_beams), int(config["draft_valid_gamma"]))
         self.eval_beams = self.num_beams  # K of the evaluation running now (`start_evaluation`)
-        self.draft_beams, self.gamma = int(config["draft_beams"]), int(config["gamma"])
-        if self.draft_beams < self.num_beams:
-            raise ConfigError(f"draft_beams={self.draft_beams} < num_beams={self.num_beams}: the draft "
+        # the serving tree: N draft beams a level, gamma levels a round, drafted from code draft_start on
+        self.tree = (int(config["draft_beams"]), int(config["gamma"]), int(config["draft_start"]))
+        if self.tree[0] < self.num_beams:
+            raise ConfigError(f"draft_beams={self.tree[0]} < num_beams={self.num_beams}: the draft "
                               f"must propose at least the K target beams; fix: --draft_beams={self.num_beams}")
-        if self.gamma < 1:
-            raise ConfigError(f"gamma={self.gamma}: the draft must propose at least one level; fix: --gamma=1")
-        self.tree_candidates = parse_trees(config["tree_candidates"], self.num_beams)
+        if self.tree[1] < 1 or self.tree[2] < 0:
+            raise ConfigError(f"gamma={self.tree[1]}, draft_start={self.tree[2]}: the draft must propose at least "
+                              "one level a round, from a code position >= 0; fix: --gamma=1 --draft_start=0")
+        self.tree_candidates = parse_trees(config["tree_candidates"], self.num_beams, self.tree[2])
         self.tree_tuning_requests = int(config["tree_tuning_requests"])
         self.tree_tuned = not self.tree_candidates  # tuned at the first test batch when there are candidates
         # strict only: the tuning may find the target's own search faster than every tree; its output is the same
@@ -120,20 +134,21 @@ class AtSpeedS(ProjectModel):
     def decoding(self) -> str:
         temperature = (f", rule={self.relaxed_rule}, temperature={self.temperature:g}, last code: {self.last_level}"
                        if self.verification == "relaxed" else "")
-        return (f"{self.verification} speculative beam search: K={self.num_beams}, N={self.draft_beams}, "
-                f"gamma={self.gamma}{temperature}")
+        n, gamma, start = self.tree
+        return (f"{self.verification} speculative beam search: K={self.num_beams}, N={n}, gamma={gamma}, "
+                f"draft_start={start}{temperature}")
 
     def speculative(self, input_ids, mask):
         if self.generator is None or self.generator.device != input_ids.device:
             self.generator = torch.Generator(input_ids.device).manual_seed(self.seed)
-        if self.phase == "valid":  # the draft's agreement with the target, whatever the serving settings
-            (n, gamma), mode = self.valid_tree, "strict"
+        if self.phase == "valid":  # the draft's agreement with the target at every code, whatever the serving tree
+            (n, gamma), start, mode = self.valid_tree, 0, "strict"
         else:
-            n, gamma, mode = self.draft_beams, self.gamma, self.verification
+            (n, gamma, start), mode = self.tree, self.verification
         return speculative_beam_search(
             self.target.lm, self.draft, self.target.trie, self.target.vocab, input_ids, mask,
             self.eval_beams, n, gamma, mode=mode, generator=self.generator, temperature=self.temperature,
-            last_level=self.last_level, relaxed_rule=self.relaxed_rule)
+            last_level=self.last_level, relaxed_rule=self.relaxed_rule, draft_start=start)
 
     def full_sort_predict(self, interaction):
         input_ids, mask = self.target.prompt(interaction)
@@ -156,12 +171,13 @@ class AtSpeedS(ProjectModel):
             self.time_single_requests(input_ids, mask)
         return beams_to_scores(beams, self.n_items)  # [B, n_items]
 
-    def serve_alone(self, ids, mask, n: int, gamma: int, generator):
-        """One test request `[1, P]` decoded as served (mode, K, temperature) on the tree (n, gamma)."""
+    def serve_alone(self, ids, mask, tree: tuple[int, int, int], generator):
+        """One test request `[1, P]` decoded as served (mode, K, temperature) on the tree (N, gamma, draft_start)."""
+        n, gamma, start = tree
         return speculative_beam_search(self.target.lm, self.draft, self.target.trie, self.target.vocab, ids, mask,
                                        self.num_beams, n, gamma, mode=self.verification, generator=generator,
                                        temperature=self.temperature, last_level=self.last_level,
-                                       relaxed_rule=self.relaxed_rule)
+                                       relaxed_rule=self.relaxed_rule, draft_start=start)
 
     def target_alone(self, ids, mask):
         """One test request `[1, P]` decoded by the target's own beam search at the served K: what
@@ -174,7 +190,7 @@ class AtSpeedS(ProjectModel):
         interleaved per request, after one warm-up request; the median time per request decides, and a
         warning says so when no tree beats the target's search (AtSpeedS with `serve_target_if_faster` then
         serves that search: the same output). Under DDP rank 0's choice is every rank's."""
-        trees = list(dict.fromkeys([(self.draft_beams, self.gamma), *self.tree_candidates]))
+        trees = list(dict.fromkeys([self.tree, *self.tree_candidates]))
         entries = [*trees, None]  # None: the target's own search, the time a tree has to beat
         device, times = input_ids.device, {entry: [] for entry in entries}
         generator = torch.Generator(device).manual_seed(self.seed + 2)  # the evaluation's samples are unchanged
@@ -183,7 +199,7 @@ class AtSpeedS(ProjectModel):
             ids, m = trim_left(input_ids[row:row + 1], mask[row:row + 1])
             for entry in entries[row % len(entries):] + entries[:row % len(entries)]:
                 decode = (partial(self.target_alone, ids, m) if entry is None
-                          else partial(self.serve_alone, ids, m, *entry, generator))
+                          else partial(self.serve_alone, ids, m, entry, generator))
                 _, seconds = timed(decode, device)
                 if row or rows == 1:  # the first request warms up
                     times[entry].append(seconds)
@@ -193,12 +209,12 @@ class AtSpeedS(ProjectModel):
         choice = [best, self.fallback and ms[best] >= target_ms]
         if dist.is_available() and dist.is_initialized():
             dist.broadcast_object_list(choice, src=0)
-        (self.draft_beams, self.gamma), self.serve_target = choice
+        self.tree, self.serve_target = tuple(choice[0]), choice[1]
         self.tree_tuned = True
         log = logging.getLogger()
         head = "serving the target's own beam search; fastest tree" if self.serve_target else "serving tree"
-        log.info(f"{head}: N={self.draft_beams}, gamma={self.gamma}, the fastest of "
-                 + ", ".join(f"N {n} gamma {g}: {t:.1f} ms" for (n, g), t in ms.items())
+        log.info(f"{head}: {tree_name(self.tree)}, the fastest of "
+                 + ", ".join(f"{tree_name(tree)}: {t:.1f} ms" for tree, t in ms.items())
                  + f" (the target's own search: {target_ms:.1f} ms; median over {max(rows - 1, 1)} test requests"
                  " decoded alone)")
         if ms[best] >= target_ms:
@@ -226,7 +242,7 @@ class AtSpeedS(ProjectModel):
             ids, m = trim_left(input_ids[row:row + 1], mask[row:row + 1])
             target = (lambda: self.target_alone(ids, m))
             spec = (partial(self.target_alone, ids, m) if self.serve_target  # as the test pass serves it
-                    else partial(self.serve_alone, ids, m, self.draft_beams, self.gamma, generator))
+                    else partial(self.serve_alone, ids, m, self.tree, generator))
             if done == 0 and not meter.warmed_up:
                 target(), spec()
                 meter.warmed_up = True

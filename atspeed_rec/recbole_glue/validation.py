@@ -126,6 +126,8 @@ RULES = (
     _int("num_beams", 1, "beam search needs at least 1 beam"),
     _int("draft_beams", 1, "the draft needs at least 1 beam"),
     _int("gamma", 1, "the draft must propose at least one level"),
+    _int("draft_start", 0, "the first code the draft proposes is a position in the ID, 0 or more",
+         "set --draft_start=0 (the draft proposes every code) or a later code position"),
     _int("tree_tuning_requests", 1, "timing the candidate trees needs at least 1 test request"),
     _int("K_train", 1, "the teacher data needs at least 1 beam per sample", "set --K_train=20 (the default) or "
                                                                               "another value of 1 or more"),
@@ -215,7 +217,7 @@ def check_choices(config) -> None:
                               f"must propose at least the K target beams; fix: --draft_beams={num_beams}")
         from atspeed_rec.recbole_glue.atspeed import parse_trees
 
-        parse_trees(config["tree_candidates"], num_beams)  # each [N, gamma] pair servable at K, or its own message
+        parse_trees(config["tree_candidates"], num_beams)  # each tree servable at K, or its own message
         from atspeed_rec.alignment.losses import ALIGN_LOSSES, DISTILLSPEC_DIVERGENCES
         from atspeed_rec.decoding.sampling import LAST_LEVELS
         from atspeed_rec.decoding.speculative import RELAXED_RULES
