@@ -1,11 +1,10 @@
 """Speculative beam search (AtSpeed): a small draft proposes a tree of beams, the target verifies it in one pass.
 
 One round, for the requests at depth `cur` with H current beams (codes and TARGET scores):
-1. Draft: d = min(gamma, L - cur - 1) steps of width-N beam search from the current beams (d = 0 while cur <
-   `draft_start`: the round is then a plain target beam-search step), starting
-   from their target scores (strict: top-N of S + log q; relaxed: N sampled without replacement
-   from softmax(S + log q), keeping that distribution q_j and the Gumbel noise of the draw). A tree
-   of d levels x N nodes.
+1. Draft: d = min(gamma, L - cur - 1) steps of width-N beam search from the current beams (d = 0 while
+   cur < `draft_start`: the round is then a plain target beam-search step), starting from their target
+   scores (strict: top-N of S + log q; relaxed: N sampled without replacement from softmax(S + log q),
+   keeping that distribution q_j and the Gumbel noise of the draw). A tree of d levels x N nodes.
 2. Target: ONE forward over the H beams' newest codes + the N*d tree tokens (first round: the prompt
    and the tree) with a tree attention mask (`tree.py`): its log-probs after every beam and tree node.
 3. Verify level i = 0..d. Strict: T_i = the top K of S_p(h) + log p(v | h), exactly what
@@ -36,9 +35,9 @@ re-feeds the beam paths and the tree grown so far at each level: it is tiny, its
 a few dozen re-fed tokens cost it less than the bookkeeping.
 
 `draft_start` skips the draft where it is weakest: a draft level pays only when it is accepted often
-enough to save a target call (a level of N tree tokens costs ~N ms of target time on a CPU, a call
-~40 ms), and the draft is accepted least at the ID's first codes (they are the user's taste; the later
-ones mostly narrow an item down). With draft_start = s the target decodes codes 0..s-1 by its own
+enough to save a target call (on 2 CPU cores a tree token costs ~1 ms of target time, a call ~40 ms),
+and the draft is accepted least at the ID's first codes (they are the user's taste; the later ones
+mostly narrow an item down). With draft_start = s the target decodes codes 0..s-1 by its own
 beam-search steps, and the draft proposes from code s on.
 """
 
@@ -325,8 +324,9 @@ def grow_rows(kv, grown, rows):
 
 def scatter_rows(kv, rows, B: int):
     """A cache of `B` rows holding `kv` (of `rows`) at those rows; the other rows are zeros nothing reads."""
-    return [(k.new_zeros(B, *k.shape[1:]).index_copy_(0, rows, k), v.new_zeros(B, *v.shape[1:]).index_copy_(0, rows, v))
-            for k, v in kv]
+    def spread(t):
+        return t.new_zeros(B, *t.shape[1:]).index_copy_(0, rows, t)
+    return [(spread(k), spread(v)) for k, v in kv]
 
 
 @torch.no_grad()

@@ -150,7 +150,8 @@ def tree_forward(model, vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes:
                  tree: DraftTree, kv: KV | None = None, prompt_ids: torch.Tensor | None = None,
                  ancestors: torch.Tensor | None = None):
     """ONE pass of `model` over beam paths `[G, H, cur]` + tree after the cache `kv`, or after the
-    prompt `prompt_ids [G, P]` fed in the same pass (kv None; cur == 0 then, H == 1).
+    prompt `prompt_ids [G, P]` fed in the same pass (kv None; the whole paths follow it: the draft's
+    first pass, in the first round it drafts).
 
     Without `ancestors`, `kv` holds the prompt only, the whole paths are fed, and the prompt's KV alone
     is returned (`kv` itself, or the new prompt's): what the next pass after the same prompt reuses.
