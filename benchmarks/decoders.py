@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
@@ -21,7 +20,7 @@ import common
 from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.decoding.hf_generate import hf_beam_search
 from atspeed_rec.decoding.sampling import beam_sample
-from atspeed_rec.decoding.speculative import MODES, speculative_beam_search
+from atspeed_rec.decoding.speculative import MODES, Tree, speculative_beam_search
 from atspeed_rec.models.fast_forward import lm_dtype
 
 MODEL_OF_MODE = {"strict": "AtSpeedS", "relaxed": "AtSpeedR"}
@@ -56,13 +55,6 @@ def add_options(p, tree: bool = True) -> None:
     p.add_argument("--trees", type=parse_trees, default={},
                    help="a tree per K, K:N:gamma or K:N:gamma:draft_start comma-separated (e.g. "
                    "1:8:3,10:20:1:2,20:40:1); other K use --draft_beams/--gamma/--draft_start or the config's")
-
-
-class Tree(NamedTuple):
-    """A serving tree: N draft beams a level, gamma levels a round, drafted from code `start` on."""
-    n: int
-    gamma: int
-    start: int = 0
 
 
 def parse_trees(text: str) -> dict[int, Tree]:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,17 @@ from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
 MODES = ("strict", "relaxed")
+
+
+class Tree(NamedTuple):
+    """A serving tree: N draft beams a level, gamma levels a round, drafted from code `start` on."""
+    n: int
+    gamma: int
+    start: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"N {self.n} gamma {self.gamma}" + (f" from code {self.start}" if self.start else "")
 
 
 @dataclass
@@ -390,11 +402,11 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
         H, T = beams.codes.shape[1], input_ids.shape[1] if first else target_kv[0][0].shape[2]
         ids = input_ids[rows] if first else None
         d = min(gamma, L - cur - 1) if cur >= draft_start else 0
-        encode = draft_kv is None  # the draft's first pass encodes the prompts too
+        encode = draft_kv is None and d > 0  # the draft's first pass encodes the prompts too
         with record_function(STAGES["draft"]):
-            tree, kv = draft_tree(draft, None if encode else cache_rows(draft_kv, rows), mask, beams, trie, vocab,
-                                  d, N, mode, generator, temperature, input_ids[rows] if encode else None)
-        if encode and d:  # every request still decoding is in this round (rounds before it advanced all by 1)
+            tree, kv = draft_tree(draft, None if draft_kv is None else cache_rows(draft_kv, rows), mask, beams, trie,
+                                  vocab, d, N, mode, generator, temperature, input_ids[rows] if encode else None)
+        if encode:  # every request still decoding is in this round (rounds before it advanced all by 1)
             draft_kv = kv if G == B else scatter_rows(kv, rows, B)
         stats.draft_calls += d
         with record_function(STAGES["target"]):  # the beams' newest codes (their earlier ones are cached) + the tree

@@ -23,7 +23,7 @@ from recbole.utils import InputType
 from atspeed_rec.alignment.objective import AlignConfig, draft_loss
 from atspeed_rec.alignment.teacher import SampleIndex
 from atspeed_rec.decoding.beam_search import beam_search
-from atspeed_rec.decoding.speculative import speculative_beam_search
+from atspeed_rec.decoding.speculative import Tree, speculative_beam_search
 from atspeed_rec.errors import ConfigError
 from atspeed_rec.models.draft import build_draft
 from atspeed_rec.recbole_glue.base import ProjectModel
@@ -41,7 +41,7 @@ TEACHER_KEYS = ("K_train", "teacher_per_user", "teacher_users")  # which samples
 ALIGN_KEYS = ("align_loss", "alpha", "tau", "beta", "distillspec_divergence", *TEACHER_KEYS)
 
 
-def parse_trees(value, num_beams: int, draft_start: int = 0) -> list[tuple[int, int, int]]:
+def parse_trees(value, num_beams: int, draft_start: int = 0) -> list[Tree]:
     """`tree_candidates` as (N, gamma, draft_start) trees, each servable by the K = `num_beams` search; a
     candidate [N, gamma] takes the configured `draft_start`."""
     trees = []
@@ -50,21 +50,16 @@ def parse_trees(value, num_beams: int, draft_start: int = 0) -> list[tuple[int, 
             if not 2 <= len(tree) <= 3:
                 raise ValueError(tree)
             n, gamma, *start = (int(x) for x in tree)
-            trees.append((n, gamma, start[0] if start else int(draft_start)))
+            trees.append(Tree(n, gamma, start[0] if start else int(draft_start)))
     except (TypeError, ValueError):
         raise ConfigError(f"tree_candidates={value!r} is not a list of [N, gamma] or [N, gamma, draft_start] trees; "
                           "fix: e.g. --tree_candidates='[[20,1],[40,1],[20,1,2]]', or [] to serve draft_beams, "
                           "gamma and draft_start") from None
-    bad = [tree for tree in trees if tree[0] < num_beams or tree[1] < 1 or tree[2] < 0]
+    bad = [tuple(tree) for tree in trees if tree.n < num_beams or tree.gamma < 1 or tree.start < 0]
     if bad:
         raise ConfigError(f"tree_candidates {bad}: every tree needs N >= num_beams={num_beams}, gamma >= 1 and "
                           f"draft_start >= 0; fix: drop them or raise their N to {num_beams}")
     return trees
-
-
-def tree_name(tree: tuple[int, int, int]) -> str:
-    n, gamma, start = tree
-    return f"N {n} gamma {gamma}" + (f" from code {start}" if start else "")
 
 
 class AtSpeedS(ProjectModel):
@@ -84,15 +79,14 @@ class AtSpeedS(ProjectModel):
         self.valid_beams = min(int(config["draft_valid_beams"]), self.num_beams)
         self.valid_tree = (max(int(config["draft_valid_width"]), self.valid_beams), int(config["draft_valid_gamma"]))
         self.eval_beams = self.num_beams  # K of the evaluation running now (`start_evaluation`)
-        # the serving tree: N draft beams a level, gamma levels a round, drafted from code draft_start on
-        self.tree = (int(config["draft_beams"]), int(config["gamma"]), int(config["draft_start"]))
-        if self.tree[0] < self.num_beams:
-            raise ConfigError(f"draft_beams={self.tree[0]} < num_beams={self.num_beams}: the draft "
+        self.tree = Tree(int(config["draft_beams"]), int(config["gamma"]), int(config["draft_start"]))  # served
+        if self.tree.n < self.num_beams:
+            raise ConfigError(f"draft_beams={self.tree.n} < num_beams={self.num_beams}: the draft "
                               f"must propose at least the K target beams; fix: --draft_beams={self.num_beams}")
-        if self.tree[1] < 1 or self.tree[2] < 0:
-            raise ConfigError(f"gamma={self.tree[1]}, draft_start={self.tree[2]}: the draft must propose at least "
-                              "one level a round, from a code position >= 0; fix: --gamma=1 --draft_start=0")
-        self.tree_candidates = parse_trees(config["tree_candidates"], self.num_beams, self.tree[2])
+        if self.tree.gamma < 1 or self.tree.start < 0:
+            raise ConfigError(f"gamma={self.tree.gamma}, draft_start={self.tree.start}: the draft must propose at "
+                              "least one level a round, from a code position >= 0; fix: --gamma=1 --draft_start=0")
+        self.tree_candidates = parse_trees(config["tree_candidates"], self.num_beams, self.tree.start)
         self.tree_tuning_requests = int(config["tree_tuning_requests"])
         self.tree_tuned = not self.tree_candidates  # tuned at the first test batch when there are candidates
         # strict only: the tuning may find the target's own search faster than every tree; its output is the same
@@ -171,7 +165,7 @@ class AtSpeedS(ProjectModel):
             self.time_single_requests(input_ids, mask)
         return beams_to_scores(beams, self.n_items)  # [B, n_items]
 
-    def serve_alone(self, ids, mask, tree: tuple[int, int, int], generator):
+    def serve_alone(self, ids, mask, tree: Tree, generator):
         """One test request `[1, P]` decoded as served (mode, K, temperature) on the tree (N, gamma, draft_start)."""
         n, gamma, start = tree
         return speculative_beam_search(self.target.lm, self.draft, self.target.trie, self.target.vocab, ids, mask,
@@ -209,12 +203,12 @@ class AtSpeedS(ProjectModel):
         choice = [best, self.fallback and ms[best] >= target_ms]
         if dist.is_available() and dist.is_initialized():
             dist.broadcast_object_list(choice, src=0)
-        self.tree, self.serve_target = tuple(choice[0]), choice[1]
+        self.tree, self.serve_target = Tree(*choice[0]), choice[1]
         self.tree_tuned = True
         log = logging.getLogger()
         head = "serving the target's own beam search; fastest tree" if self.serve_target else "serving tree"
-        log.info(f"{head}: {tree_name(self.tree)}, the fastest of "
-                 + ", ".join(f"{tree_name(tree)}: {t:.1f} ms" for tree, t in ms.items())
+        log.info(f"{head}: {self.tree.name}, the fastest of "
+                 + ", ".join(f"{tree.name}: {t:.1f} ms" for tree, t in ms.items())
                  + f" (the target's own search: {target_ms:.1f} ms; median over {max(rows - 1, 1)} test requests"
                  " decoded alone)")
         if ms[best] >= target_ms:
