@@ -290,9 +290,12 @@ def plot_lines(path: Path, panels, xlabel: str, title: str) -> None:
 
     panels = [(ylabel, lines) for ylabel, lines in panels if lines]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    markers = "os^Dv"  # a new marker every 10 lines, so no two series share colour and marker
     for ax, (ylabel, lines) in zip(axes[0], panels):
-        for label, (xs, ys) in lines.items():
-            ax.plot(xs, ys, marker="o", label=label, linestyle="--" if "relaxed" in label else "-")
+        for i, (label, (xs, ys)) in enumerate(lines.items()):
+            ax.plot(xs, ys, color=colors[i % len(colors)], marker=markers[i // len(colors) % len(markers)],
+                    label=label, linestyle="--" if "relaxed" in label else "-")
         if "speedup" in ylabel:
             ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xticks(sorted({x for xs, _ in lines.values() for x in xs}))
