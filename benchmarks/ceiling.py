@@ -2,7 +2,7 @@
 
 For the sampled test users at batch 1, each timed interleaved (median ms after `--warmup` requests):
 the target-only beam search at K (our KV-cached search: the speedup's baseline); the target's
-prefill of the prompt; one target decode step of the K beams (their newest codes after the cached
+prefill of the prompt (after its cached text prefix, as decoding feeds it); one target decode step of the K beams (their newest codes after the cached
 prompt and earlier codes, as `beam_search` feeds them); one target pass over the prompt plus T
 tree tokens (what a first speculative round costs: `--tree` T values); the draft's prefill and one
 draft level of N nodes. The ceiling is target-only / (prompt + T pass): the speedup of a draft that costs nothing
@@ -25,6 +25,7 @@ import common
 import decoders
 from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.decoding.tree import DraftTree, tree_forward
+from atspeed_rec.models.prefix_cache import expand_kv, split_prefix
 
 
 def parse_args(argv=None):
@@ -44,17 +45,25 @@ def one_level_tree(codes: torch.Tensor, width: int) -> DraftTree:
     return DraftTree(zeros, picks, torch.ones_like(picks, dtype=torch.bool), [])
 
 
+def first_pass(lm, vocab, ids, mask, beams, tree, ancestors=None):
+    """A search's first pass over the prompts `ids`, as decoding makes it (after their shared prefix's
+    cached KV, if the model has one: `models/prefix_cache.py`), and the prompts' mask as cached."""
+    ids, mask, prefix = split_prefix([lm], vocab, ids, mask)
+    kv = None if prefix is None else expand_kv(prefix[0], ids.shape[0])
+    return tree_forward(lm, vocab, mask, beams, tree, kv, ids, ancestors), mask
+
+
 def beam_cache(lm, vocab, ids, mask, beams: torch.Tensor):
-    """(cache, None, ancestors) that beam search's last step over `beams [1, K, L-1]` runs after: the
-    prompt, then each earlier level's K codes, as `beam_search` feeds them."""
+    """(the prompt's mask, cache, ancestors) that beam search's last step over `beams [1, K, L-1]`
+    runs after: the prompt, then each earlier level's K codes, as `beam_search` feeds them."""
     K, no_tree = beams.shape[1], DraftTree.empty(1)
-    _, _, kv = tree_forward(lm, vocab, mask, beams[:, :1, :0], no_tree, prompt_ids=ids, ancestors=beams[:, :1, :0])
+    (_, _, kv), mask = first_pass(lm, vocab, ids, mask, beams[:, :1, :0], no_tree, beams[:, :1, :0])
     ancestors = beams.new_zeros(1, K, 0)
     for t in range(1, beams.shape[2]):
         T = kv[0][0].shape[2]
         _, _, kv = tree_forward(lm, vocab, mask, beams[:, :, :t], no_tree, kv, ancestors=ancestors)
         ancestors = torch.cat([ancestors, (T + torch.arange(K)).view(1, K, 1)], -1)
-    return kv, None, ancestors
+    return mask, kv, ancestors
 
 
 def passes(model, k: int, tree_sizes: list[int], n: int, requests) -> dict:
@@ -67,15 +76,17 @@ def passes(model, k: int, tree_sizes: list[int], n: int, requests) -> dict:
     cache = {id(r.ids): beam_cache(target, vocab, r.ids, r.mask, beams) for r in requests}
 
     def prefill(lm):
-        return lambda ids, mask: tree_forward(lm, vocab, mask, empty, no_tree, prompt_ids=ids)
+        return lambda ids, mask: first_pass(lm, vocab, ids, mask, empty, no_tree)
 
     def prompt_and_tree(lm, t):
-        return lambda ids, mask: tree_forward(lm, vocab, mask, empty, one_level_tree(codes, t), prompt_ids=ids)
+        return lambda ids, mask: first_pass(lm, vocab, ids, mask, empty, one_level_tree(codes, t))
+
+    def step(mask, kv, ancestors):
+        return tree_forward(target, vocab, mask, beams, no_tree, kv, ancestors=ancestors)
 
     return {"target-only search": lambda ids, mask: beam_search(target, trie, vocab, ids, mask, k),
             "target prefill": prefill(target),
-            "target step (K beams)": lambda ids, mask: tree_forward(target, vocab, mask, beams, no_tree,
-                                                                    *cache[id(ids)]),
+            "target step (K beams)": lambda ids, mask: step(*cache[id(ids)]),
             **{f"target prompt + {t}": prompt_and_tree(target, t) for t in tree_sizes},
             "draft prefill": prefill(draft),
             f"draft prompt + level (N = {n})": prompt_and_tree(draft, n)}

@@ -1,5 +1,6 @@
-"""The AtSpeed models the speculative benchmarks load, the decoders they compare, and one measured
-setting (speculative.py, frontier.py, alignment.py and breakdown.py).
+"""The AtSpeed models the speculative benchmarks load, the decoders they compare, one measured
+setting (speculative.py, frontier.py, alignment.py and breakdown.py), and one inference switch turned
+off and on (`compare_switch`: fused.py, prefix_cache.py).
 
 strict mode decodes with AtSpeedS's trained draft and relaxed with AtSpeedR's (either checkpoint
 serves both modes when the other is missing). The target-only baseline is our own KV-cached,
@@ -12,6 +13,7 @@ never changed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -113,10 +115,10 @@ def load(args):
     return served, test
 
 
-def header(args, title: str, served: dict) -> list[str]:
-    """common.header with the models' sizes and weights (the title says when they are random)."""
+def header(args, title: str, served: dict, more=()) -> list[str]:
+    """common.header with the models' sizes and weights (the title says when they are random), then `more` facts."""
     suffix = " (RANDOM WEIGHTS: smoke test only)" if untrained(served) else ""
-    return common.header(args, title + suffix, next(iter(served.values())).config, facts(served))
+    return common.header(args, title + suffix, next(iter(served.values())).config, [*facts(served), *more])
 
 
 def weights(served: dict) -> str:
@@ -212,3 +214,62 @@ def measure(s: Served, mode: str, requests, k: int, tree: Tree, warmup: int, hf:
     row["accepted"], row["calls"], row["rate"] = acceptance([st for _, st in spec_out])
     row["by_code"] = acceptance_by_code([st for _, st in spec_out])
     return row
+
+
+def switched(lms, on: bool, off, fn):
+    """`fn(ids, mask)` run with the switch on, or inside `off(lm)` for every lm of `lms`."""
+    def run(ids, mask):
+        with contextlib.ExitStack() as stack:
+            if not on:
+                for lm in lms:
+                    stack.enter_context(off(lm))
+            return fn(ids, mask)
+    return run
+
+
+def compare_switch(args, s: Served, requests, off, names: tuple[str, str]) -> list[list]:
+    """At each K of `args.ks`: the target-only beam search and strict speculative decoding (the tree
+    `tree_for` picks), each with a switch off (inside `off(lm)` for the target and the draft) and on,
+    all four interleaved per request. Rows: K, decoder, ms off, ms on, off / on, requests whose top-K
+    items and order are the same both ways; then the speculative speedup each way."""
+    lms = [s.model.target.lm, s.model.draft]
+    rows = []
+    for k in args.ks:
+        tree = tree_for(args, s, k)
+        spec = spec_fn(s.model, "strict", k, tree, None)
+        fns = {}
+        for how in names:
+            on = how == names[1]
+            fns[f"search {how}"] = switched(lms, on, off, baseline_fn(s.model, "strict", k, None))
+            fns[f"speculative {how}"] = switched(lms, on, off, lambda ids, mask: spec(ids, mask)[0])
+        res = common.interleaved(fns, requests, args.warmup)
+        ms = {name: 1e3 * seconds for name, (seconds, _) in res.items()}
+        a, b = names
+        for what in ("search", "speculative"):
+            same = sum(torch.equal(x.items, y.items) for x, y in zip(res[f"{what} {a}"][1], res[f"{what} {b}"][1]))
+            name = f" (N {tree.n}, gamma {tree.gamma}, draft start {tree.start})" if what == "speculative" else ""
+            rows.append([k, what + name, f"{ms[f'{what} {a}']:.1f}", f"{ms[f'{what} {b}']:.1f}",
+                         f"{ms[f'{what} {a}'] / ms[f'{what} {b}']:.2f}x", f"{same}/{len(requests)}"])
+        rows.append([k, "speedup (search / speculative)", f"{ms[f'search {a}'] / ms[f'speculative {a}']:.2f}x",
+                     f"{ms[f'search {b}'] / ms[f'speculative {b}']:.2f}x", "", ""])
+        print(rows[-3:], flush=True)
+    return rows
+
+
+def switch_args(script: str, doc: str, argv=None):
+    """The options of a switch benchmark (fused.py, prefix.py): the strict AtSpeedS model, `--ks`, trees."""
+    p = common.parser(script, doc, requests=40)
+    p.add_argument("--ks", type=common.int_list, default=[1, 10], help="beam widths K, e.g. 1,10")
+    add_options(p)
+    args = common.parse(p, argv, ("AtSpeedS",))
+    args.modes = ["strict"]
+    return args
+
+
+def switch_report(args, title: str, served: dict, requests, rows, names: tuple[str, str], more=()) -> None:
+    """`compare_switch`'s rows as a table under the usual header, printed (and written to `--output`)."""
+    lines = header(args, title, served, more)
+    lines += [f"Batch 1, {len(requests)} test users, median ms after {args.warmup} warm-up requests, all interleaved; "
+              "same top-K: requests with identical items and order both ways.", "",
+              *common.table(["K", "decoder", f"{names[0]} ms", f"{names[1]} ms", "faster", "same top-K"], rows)]
+    common.write(lines, args.output)

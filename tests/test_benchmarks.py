@@ -25,6 +25,7 @@ import decoders  # noqa: E402
 import frontier  # noqa: E402
 import fused  # noqa: E402
 import precision  # noqa: E402
+import prefix  # noqa: E402
 import relaxed_inclusion  # noqa: E402
 import semantic_ids  # noqa: E402
 import speculative  # noqa: E402
@@ -289,9 +290,11 @@ def test_a_pretrained_llm_target_is_benchmarked_too(synth_root, in_tmp_dir):
     assert strict["speculative"] == strict["beam_search"]
 
 
-def test_ceiling_times_every_pass_and_the_free_draft_ceiling(synth_root, in_tmp_dir):
+@pytest.mark.parametrize("pretrained", [False, True])  # a text prompt: its prefix is cached, as decoding does
+def test_ceiling_times_every_pass_and_the_free_draft_ceiling(synth_root, in_tmp_dir, pretrained):
+    lm = [f"--pretrained_path={save_tiny_lm(in_tmp_dir / 'lm', tie=False)}", "--dtype=float32"] if pretrained else []
     argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--k=3", "--tree=4,8", "--draft_beams=6",
-                    "--requests=4", "--warmup=1")
+                    "--requests=4", "--warmup=1", *lm)
     assert ceiling.main(argv) == 0
     (rows,) = tables(in_tmp_dir / "table.md")
     by = {r["pass"]: r for r in rows}
@@ -316,6 +319,21 @@ def test_fused_times_the_modules_and_the_fused_weights_on_the_same_requests(synt
         assert number(r["modules ms"]) > 0 and number(r["fused ms"]) > 0
         if r["decoder"] != "speedup (search / speculative)":
             assert r["same top-K"].endswith("/4") and int(r["same top-K"].split("/")[0]) >= 3  # float32 target
+
+
+def test_prefix_times_whole_prompts_and_the_cached_prefix_on_the_same_requests(synth_root, in_tmp_dir):
+    lm = save_tiny_lm(in_tmp_dir / "lm", tie=False)
+    argv = run_args(synth_root, in_tmp_dir, f"--pretrained_path={lm}", "--dtype=float32", "--allow_untrained",
+                    "--ks=1,3", "--trees=3:6:2", "--requests=4", "--warmup=1")
+    assert prefix.main(argv) == 0
+    assert "- prompt prefix: 5 tokens" in (in_tmp_dir / "table.md").read_text()  # "The user has purchased :"
+    (rows,) = tables(in_tmp_dir / "table.md")
+    assert [(r["K"], r["decoder"].split(" (")[0]) for r in rows] == [
+        (k, d) for k in ("1", "3") for d in ("search", "speculative", "speedup")]
+    for r in rows:
+        assert number(r["whole prompt ms"]) > 0 and number(r["cached prefix ms"]) > 0
+        if r["decoder"] != "speedup (search / speculative)":
+            assert r["same top-K"] == "4/4"  # float32: the same items and order both ways
 
 
 def test_relaxed_inclusion_keeps_k_codes_a_round_on_each_side_and_the_coupled_rule_keeps_beam_samplings(tmp_path):

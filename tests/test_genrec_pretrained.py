@@ -20,6 +20,7 @@ from atspeed_rec.decoding.tree import prompt_positions
 from atspeed_rec.decoding.hf_generate import hf_beam_search
 from atspeed_rec.errors import ConfigError
 from atspeed_rec.models import pretrained
+from atspeed_rec.models.prefix_cache import registered_prefix, whole_prompts
 from atspeed_rec.recbole_glue.genrec import GenRec
 from atspeed_rec.recbole_glue.checkpoint import load_checkpoint, save_checkpoint
 from atspeed_rec.recbole_glue.cli import main
@@ -216,6 +217,18 @@ def test_beam_search_on_the_lora_model_returns_what_generate_returns(synth_root,
     assert torch.equal(ours.items, hf.items)
     torch.testing.assert_close(ours.scores, hf.scores, atol=1e-4, rtol=1e-4)
     assert (ours.items > 0).all()
+
+
+def test_decoding_encodes_the_text_prefix_once_and_finds_the_items_of_whole_prompts(synth_root, tiny_lm, in_tmp_dir):
+    model, _, test = lora_genrec(synth_root, tiny_lm)
+    perturb_trained_part(model, 2)
+    assert registered_prefix(model.lm) == tuple(model.text_prompt.prefix.tolist())
+    batch = next(iter(test))[0][:6]
+    cached = model.generate(batch, num_beams=10)
+    with whole_prompts(model.lm):
+        whole = model.generate(batch, num_beams=10)
+    assert torch.equal(cached.items, whole.items)
+    torch.testing.assert_close(cached.scores, whole.scores, atol=1e-5, rtol=1e-5)
 
 
 def test_predict_scores_the_log_probability_of_an_items_codes(synth_root, tiny_lm, in_tmp_dir):

@@ -4,8 +4,9 @@ Scores follow Hugging Face `generate(num_beams=K, prefix_allowed_tokens_fn=...)`
 renormalising logits processor after the trie mask (`hf_generate.py`): a beam's score is the sum
 of its codes' log-probabilities renormalised over the codes the trie allows, i.e. the log-prob of
 the item under the constrained model, which is what GenRec is trained on.
-Differences from `generate`: the prompt is encoded once per request and the KV cache is SHARED by
-the request's K beams (never copied per beam, never reordered): each step feeds only each beam's
+Differences from `generate`: the prompt is encoded once per request (its text prefix once per model:
+`models/prefix_cache.py`) and the KV cache is SHARED by the request's K beams (never copied per
+beam, never reordered): each step feeds only each beam's
 newest code (`tree.tree_forward`), the cache keeps every token fed, and an attention mask lets a
 beam's token see the prompt and its own ancestors, found by their cache indices. With a history of
 ~80 tokens and 4-code IDs, copying the cache per beam cost more than the model itself; re-feeding
@@ -23,6 +24,7 @@ import torch
 from torch.profiler import record_function
 
 from atspeed_rec.decoding.tree import DraftTree, tree_forward
+from atspeed_rec.models.prefix_cache import expand_kv, split_prefix
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -115,7 +117,9 @@ def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor
     beams = Beams(input_ids.new_zeros(B, 1, 0), torch.zeros(B, 1, device=dev), trie.root_nodes(B, 1))
     no_tree = DraftTree.empty(B, device=dev)
     ancestors = input_ids.new_zeros(B, 1, 0)  # [B, H, c] cache index of each beam's codes fed so far
-    kv = None  # the prompts' KV, then every code token fed: shared by the beams, indexed by `ancestors`
+    input_ids, attention_mask, prefix = split_prefix([model], vocab, input_ids, attention_mask)
+    # the shared prefix's KV (or nothing), then the prompts and every code token fed: indexed by `ancestors`
+    kv = None if prefix is None else expand_kv(prefix[0], B)
     path_lp = torch.zeros(B, 1, 0, C, device=dev)  # [B, H, level, C] each beam's distributions so far
     calls = 0
     for level in range(L):
@@ -126,7 +130,7 @@ def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor
             with record_function(STAGES["target"]):  # the prompts, then the beams' codes not yet fed
                 T, H, fed = kv[0][0].shape[2] if kv else 0, beams.codes.shape[1], level - ancestors.shape[-1]
                 logprobs, _, kv = tree_forward(model, vocab, attention_mask, beams.codes, no_tree, kv,
-                                               input_ids if kv is None else None, ancestors)  # [B, H, L * C]
+                                               input_ids if level == 0 else None, ancestors)  # [B, H, L * C]
                 new = T + torch.arange(H * fed, device=dev).view(1, H, fed)  # where they went in the cache
                 ancestors = torch.cat([ancestors, new.expand(B, H, fed)], -1)
             calls += 1

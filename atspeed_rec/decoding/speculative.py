@@ -55,6 +55,7 @@ from atspeed_rec.decoding.beam_search import (NEG_INF, STAGES, BeamResult, Beams
                                               masked_code_logprobs, padded_topk, select_top_k)
 from atspeed_rec.decoding.sampling import check_last_level, gumbel, gumbel_top_k, sample_top_k, sort_beams
 from atspeed_rec.decoding.tree import DraftTree, cache_rows, tree_forward
+from atspeed_rec.models.prefix_cache import expand_kv, split_prefix
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -93,7 +94,8 @@ def draft_tree(draft, kv, prompt_mask, beams: Beams, trie: CodeTrie, vocab: Code
     """`depth` levels of width-`width` beam search from the current beams, starting from their TARGET scores.
 
     Level j is one draft pass (`tree_forward`) over the beam paths + the j levels grown so far after the
-    cached prompt `kv` (first round: kv None, and the first pass encodes `prompt_ids` too).
+    cached prompt `kv` (or, given `prompt_ids`, the first pass encodes them too, after `kv`: None or the
+    prompts' shared prefix).
     Returns the tree and the prompt's KV.
     """
     G, _, cur = beams.codes.shape
@@ -101,7 +103,7 @@ def draft_tree(draft, kv, prompt_mask, beams: Beams, trie: CodeTrie, vocab: Code
     scores, nodes = beams.scores, beams.nodes  # [G, h]
     for j in range(depth):
         lp_beams, lp_tree, kv = tree_forward(draft, vocab, prompt_mask, beams.codes, tree, kv,
-                                             prompt_ids if kv is None else None)
+                                             prompt_ids if j == 0 else None)
         logprobs = lp_tree[:, -1] if j else lp_beams  # [G, h, L * C] after the newest level's nodes
         code_lp = masked_code_logprobs(logprobs, vocab, trie, nodes, cur + j)  # [G, h, C]
         logq = noise = None
@@ -368,6 +370,7 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
         raise ValueError(f"relaxed_rule must be one of {tuple(RELAXED_RULES)}, got {relaxed_rule!r}")
     B, K, N, L = input_ids.shape[0], num_beams, draft_beams, vocab.levels
     dev = input_ids.device
+    input_ids, attention_mask, prefix = split_prefix([target, draft], vocab, input_ids, attention_mask)
     codes = input_ids.new_zeros(B, K, L)
     scores = torch.full((B, K), NEG_INF, device=dev)
     nodes = input_ids.new_zeros(B, K)
@@ -399,19 +402,25 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
                     continue
                 G, mask = rows.numel(), attention_mask[rows]
                 beams = Beams(codes[rows, :, :cur], scores[rows], nodes[rows])
-        H, T = beams.codes.shape[1], input_ids.shape[1] if first else target_kv[0][0].shape[2]
+        H, T = beams.codes.shape[1], attention_mask.shape[1] if first else target_kv[0][0].shape[2]
         ids = input_ids[rows] if first else None
         d = min(gamma, L - cur - 1) if cur >= draft_start else 0
-        encode = draft_kv is None and d > 0  # the draft's first pass encodes the prompts too
+        encode = draft_kv is None and d > 0  # the draft's first pass encodes the prompts too (after their prefix)
+        if encode:
+            kv = None if prefix is None else expand_kv(prefix[1], G)
+        else:
+            kv = None if draft_kv is None else cache_rows(draft_kv, rows)
         with record_function(STAGES["draft"]):
-            tree, kv = draft_tree(draft, None if draft_kv is None else cache_rows(draft_kv, rows), mask, beams, trie,
-                                  vocab, d, N, mode, generator, temperature, input_ids[rows] if encode else None)
+            tree, kv = draft_tree(draft, kv, mask, beams, trie, vocab, d, N, mode, generator, temperature,
+                                  input_ids[rows] if encode else None)
         if encode:  # every request still decoding is in this round (rounds before it advanced all by 1)
             draft_kv = kv if G == B else scatter_rows(kv, rows, B)
         stats.draft_calls += d
         with record_function(STAGES["target"]):  # the beams' newest codes (their earlier ones are cached) + the tree
+            if first:  # nothing cached yet but the shared prefix, if any
+                target_kv = None if prefix is None else expand_kv(prefix[0], B)
             lp_beams, lp_tree, kv_t = tree_forward(target, vocab, mask, beams.codes, tree,
-                                                   None if first else cache_rows(target_kv, rows), ids,
+                                                   None if target_kv is None else cache_rows(target_kv, rows), ids,
                                                    fed[rows, :H, :max(cur - 1, 0)])  # [G, H, cur - 1]
             target_kv = kv_t if G == B else grow_rows(target_kv, kv_t, rows)
         calls += 1

@@ -93,7 +93,8 @@ def tree_inputs(vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes: torch.T
     """Tokens `[G, q]`, position ids `[G, q]`, additive 4-D mask `[G, 1, q, T + q]` and the indices
     `[H + dN]` of the outputs we need: the last token of each beam (the prompt's last token when
     cur == 0), then every tree node. The cache (T tokens) holds the prompt; or the prompt is fed too
-    (`prompt_ids`, T = 0); or, with `ancestors [G, H, c]`, the cache of `cache_len` tokens also holds
+    (`prompt_ids [G, F]`: its last F tokens, after a cached shared prefix of T = P - F tokens or none,
+    `models/prefix_cache.py`); or, with `ancestors [G, H, c]`, the cache of `cache_len` tokens also holds
     each beam's first c codes at those indices and only the codes after them are fed (c = cur - 1:
     the newest one)."""
     G, H, cur = beam_codes.shape
@@ -128,14 +129,15 @@ def tree_inputs(vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes: torch.T
     keep = torch.cat([last, H * fed + torch.arange(d * N, device=dev)])
     if prompt_ids is None:
         vis = torch.cat([prompt_vis, new_vis], -1)  # [G, Q, T + Q]
-    else:
-        i = torch.arange(P, device=dev)
-        causal = (i <= i.unsqueeze(1)) & prompt_mask.bool().unsqueeze(1) | (i == i.unsqueeze(1))  # [G, P, P]
-        top = torch.cat([causal, prompt_vis.new_zeros(G, P, Q)], -1)
-        vis = torch.cat([top, torch.cat([prompt_vis, new_vis], -1)], 1)  # [G, P + Q, P + Q]
+    else:  # the prompt's last F tokens are fed too (the first P - F, a shared prefix, are the cache)
+        F = prompt_ids.shape[1]
+        i, at = torch.arange(P, device=dev), torch.arange(P - F, P, device=dev).unsqueeze(1)  # [P], [F, 1]
+        causal = (i <= at) & prompt_mask.bool().unsqueeze(1) | (i == at)  # [G, F, P]
+        top = torch.cat([causal, prompt_vis.new_zeros(G, F, Q)], -1)
+        vis = torch.cat([top, torch.cat([prompt_vis, new_vis], -1)], 1)  # [G, F + Q, P + Q]
         tokens = torch.cat([prompt_ids, tokens], 1)
-        positions = torch.cat([prompt_positions(prompt_mask), positions], 1)
-        keep = keep + P
+        positions = torch.cat([prompt_positions(prompt_mask)[:, P - F:], positions], 1)
+        keep = keep + F
     return tokens, positions, additive_mask(vis, dtype), keep
 
 
@@ -150,8 +152,9 @@ def tree_forward(model, vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes:
                  tree: DraftTree, kv: KV | None = None, prompt_ids: torch.Tensor | None = None,
                  ancestors: torch.Tensor | None = None):
     """ONE pass of `model` over beam paths `[G, H, cur]` + tree after the cache `kv`, or after the
-    prompt `prompt_ids [G, P]` fed in the same pass (kv None; the whole paths follow it: the draft's
-    first pass, in the first round it drafts).
+    prompt `prompt_ids` fed in the same pass (kv None, or the prompts' shared prefix from
+    `prefix_cache.split_prefix`; the whole paths follow it: the draft's first pass, in the first round it
+    drafts).
 
     Without `ancestors`, `kv` holds the prompt only, the whole paths are fed, and the prompt's KV alone
     is returned (`kv` itself, or the new prompt's): what the next pass after the same prompt reuses.
@@ -169,7 +172,7 @@ def tree_forward(model, vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes:
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # [G, H + dN, L * C]
     if ancestors is not None:
         kv = grown
-    elif kv is None:
+    elif prompt_ids is not None:
         P = prompt_mask.shape[1]
-        kv = [(k[:, :, :P], v[:, :, :P]) for k, v in grown]  # cut back to the prompt
+        kv = [(k[:, :, :P], v[:, :, :P]) for k, v in grown]  # cut back to the prompt (a cached prefix included)
     return logprobs[:, :H], logprobs[:, H:].view(G, d, N, logprobs.shape[-1]), kv

@@ -26,6 +26,7 @@ from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.decoding.speculative import Tree, speculative_beam_search
 from atspeed_rec.errors import ConfigError
 from atspeed_rec.models.draft import build_draft
+from atspeed_rec.models.prefix_cache import register_prefix
 from atspeed_rec.recbole_glue.base import ProjectModel
 from atspeed_rec.recbole_glue.genrec import GenRec, trim_left, beams_to_scores
 from atspeed_rec.recbole_glue.metrics import SpecMeter, timed
@@ -74,6 +75,8 @@ class AtSpeedS(ProjectModel):
         super().__init__(config, dataset)
         self.target = GenRec(config, dataset)  # trained by its own recipe (pipeline.py), read-only here
         self.draft = build_draft(config, self.target.vocab, self.target.lm)
+        if self.target.text_prompt is not None:  # the draft reads the target's prompts: their prefix is cached too
+            register_prefix(self.draft, self.target.text_prompt.prefix)
         self.num_beams = self.target.num_beams  # K of the test split
         # K of the draft's validation: at K = N nothing is accepted whatever the draft, at K = 10 drafts separate
         self.valid_beams = min(int(config["draft_valid_beams"]), self.num_beams)

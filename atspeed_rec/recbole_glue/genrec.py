@@ -24,6 +24,7 @@ from atspeed_rec.models.fast_forward import hidden_code_logits
 from atspeed_rec.models.item_embedding import ItemTokenEmbedding
 from atspeed_rec.models.lm import build_lm
 from atspeed_rec.models.precision import resolve_dtype
+from atspeed_rec.models.prefix_cache import register_prefix
 from atspeed_rec.models.pretrained import build_pretrained, save_trained_part_only
 from atspeed_rec.models.sequences import TrainingWindows
 from atspeed_rec.models.vocab import CodeVocab
@@ -68,6 +69,7 @@ class GenRec(ProjectModel):
         if self.pretrained:  # LoRA on a pretrained LM, history inside a text prompt
             parts = build_pretrained(config, sids.levels, sids.codebook_size, self.dtype)
             self.vocab, self.lm, self.text_prompt = parts.vocab, parts.lm, parts.text_prompt
+            register_prefix(self.lm, self.text_prompt.prefix)  # decoding encodes it once (prefix_cache.py)
         else:
             self.vocab = CodeVocab(sids.levels, sids.codebook_size)
             self.lm = build_lm(config, self.vocab).to(self.dtype)
