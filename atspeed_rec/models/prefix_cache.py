@@ -1,11 +1,12 @@
 """The text every prompt starts with, encoded once per model and reused by every request (prefix caching).
 
 An LLM target's prompt is `[pads][prefix text][history codes]` (`pretrained.TextPrompt`). The prefix
-(SmolLM2: "The user has purchased: ", 5 tokens) is the same in every request and has the same position
-ids (0..p-1: positions count real tokens only), so its keys and values are the same too. A target pass
-on 2 CPU cores is compute-bound at ~1.3 ms a token and the median amazon-beauty prompt holds ~30
-tokens, so encoding the prefix once takes a sixth of every prefill away, for the target-only search
-and speculative decoding alike (LLM servers call this prefix caching).
+(SmolLM2: "The user has purchased: ", 6 tokens) is the same in every request and has the same position
+ids (0..p-1: positions count real tokens only), so its keys and values are the same too. Encoding it
+once per model saves every request's first passes those tokens, for the target-only search and
+speculative decoding alike (LLM servers call this prefix caching): on 2 CPU cores, amazon-beauty's
+prompts of ~34 tokens, batch 1, K = 1, 3-5 ms a request, 1.10x faster speculative requests
+(`benchmarks/prefix.py`, docs/benchmarks.md).
 
 `register_prefix(model, ids)` says which tokens a model's prompts start with. `split_prefix` turns a
 batch of prompts into the tokens still to feed plus each model's cached prefix KV; the cache then
@@ -26,7 +27,7 @@ from atspeed_rec.models.fast_forward import KV, causal_prompt_mask, llama_parts,
 from atspeed_rec.models.fused import fused_blocks
 from atspeed_rec.models.vocab import CodeVocab
 
-_KV: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> (state, prefix KV [1, ...])
+_KV: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> (sources, state, prefix KV [1, ...])
 
 
 def register_prefix(model, prefix_ids: torch.Tensor | None) -> None:
@@ -52,28 +53,35 @@ def whole_prompts(model):
         decoder.prompt_prefix_ids = before
 
 
-def _state(decoder) -> tuple:
-    """What the prefix's KV depends on: each weight's storage, version and dtype, and the forward's path."""
-    lora_switches = [(m.merged, m.disable_adapters, tuple(m.active_adapters)) for m in decoder.modules()
-                     if hasattr(m, "active_adapters") and hasattr(m, "merged")]
-    weights = [(p.data_ptr(), p._version, p.dtype) for p in decoder.parameters()]
-    return tuple(weights), tuple(lora_switches), fused_blocks(decoder) is None
+def _sources(decoder) -> tuple[list[torch.Tensor], list]:
+    """The tensors and the LoRA layers the prefix's KV is computed from (listed once: walking the modules
+    on every request cost ~3 ms on SmolLM2)."""
+    loras = [m for m in decoder.modules() if hasattr(m, "active_adapters") and hasattr(m, "merged")]
+    return list(decoder.parameters()), loras
+
+
+def _state(decoder, params, loras) -> tuple:
+    """What the prefix's KV depends on: each weight's storage, version and dtype, each adapter's switches,
+    and which forward runs (fused or module by module). A parameter *replaced* by another tensor object is
+    not seen: register the prefix once the model's modules are built (as for `fused.py`)."""
+    weights = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+    switches = tuple((m.merged, m.disable_adapters, tuple(m.active_adapters)) for m in loras)
+    return weights, switches, fused_blocks(decoder) is None
 
 
 def prefix_kv(model, vocab: CodeVocab) -> KV:
     """The registered prefix's KV `[1, kv_heads, p, head_dim]` per layer, built once per weights' state."""
     decoder, _ = llama_parts(model)
-    state = _state(decoder)
-    hit = _KV.get(decoder)
-    if hit is None or hit[0] != state:
+    params, loras, state, kv = _KV.get(decoder) or (*_sources(decoder), None, None)
+    now = _state(decoder, params, loras)
+    if now != state:
         device = decoder.norm.weight.device
         tokens = torch.tensor([decoder.prompt_prefix_ids], device=device)  # [1, p]
         p = tokens.shape[1]
         mask = causal_prompt_mask(torch.ones(1, p, dtype=torch.bool, device=device), lm_dtype(model))
         _, kv = lm_forward(model, vocab, tokens, torch.arange(p, device=device).unsqueeze(0), mask, None, keep=1)
-        hit = (state, kv)
-        _KV[decoder] = hit
-    return hit[1]
+        _KV[decoder] = (params, loras, now, kv)
+    return kv
 
 
 def split_prefix(models, vocab: CodeVocab, input_ids: torch.Tensor, attention_mask: torch.Tensor):
