@@ -2,10 +2,10 @@
 
 For the sampled test users at batch 1, each timed interleaved (median ms after `--warmup` requests):
 the target-only beam search at K (our KV-cached search: the speedup's baseline); the target's
-prefill of the prompt (after its cached text prefix, as decoding feeds it); one target decode step of the K beams (their newest codes after the cached
-prompt and earlier codes, as `beam_search` feeds them); one target pass over the prompt plus T
-tree tokens (what a first speculative round costs: `--tree` T values); the draft's prefill and one
-draft level of N nodes. The ceiling is target-only / (prompt + T pass): the speedup of a draft that costs nothing
+prefill of the prompt (after its cached text prefix, as decoding feeds it); one target decode step
+of the K beams (their newest codes after the cached prompt and earlier codes, as `beam_search` feeds
+them); one target pass over the prompt plus T tree tokens (what a first speculative round costs:
+`--tree` T values); the draft's prefill and one draft level of N nodes. The ceiling is target-only / (prompt + T pass): the speedup of a draft that costs nothing
 and is accepted at every level, so that one target call decodes the whole ID. Timings depend on
 the models' shapes and dtype, not their weights: random weights (--allow_untrained) measure the
 same costs.
@@ -25,7 +25,7 @@ import common
 import decoders
 from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.decoding.tree import DraftTree, tree_forward
-from atspeed_rec.models.prefix_cache import expand_kv, split_prefix
+from atspeed_rec.models.prefix_cache import split_prefix
 
 
 def parse_args(argv=None):
@@ -49,7 +49,7 @@ def first_pass(lm, vocab, ids, mask, beams, tree, ancestors=None):
     """A search's first pass over the prompts `ids`, as decoding makes it (after their shared prefix's
     cached KV, if the model has one: `models/prefix_cache.py`), and the prompts' mask as cached."""
     ids, mask, prefix = split_prefix([lm], vocab, ids, mask)
-    kv = None if prefix is None else expand_kv(prefix[0], ids.shape[0])
+    kv = None if prefix is None else prefix[0]
     return tree_forward(lm, vocab, mask, beams, tree, kv, ids, ancestors), mask
 
 

@@ -1,6 +1,6 @@
 """The AtSpeed models the speculative benchmarks load, the decoders they compare, one measured
 setting (speculative.py, frontier.py, alignment.py and breakdown.py), and one inference switch turned
-off and on (`compare_switch`: fused.py, prefix_cache.py).
+off and on (`compare_switch`: fused.py, prefix.py).
 
 strict mode decodes with AtSpeedS's trained draft and relaxed with AtSpeedR's (either checkpoint
 serves both modes when the other is missing). The target-only baseline is our own KV-cached,

@@ -24,7 +24,7 @@ import torch
 from torch.profiler import record_function
 
 from atspeed_rec.decoding.tree import DraftTree, tree_forward
-from atspeed_rec.models.prefix_cache import expand_kv, split_prefix
+from atspeed_rec.models.prefix_cache import split_prefix
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -119,7 +119,7 @@ def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor
     ancestors = input_ids.new_zeros(B, 1, 0)  # [B, H, c] cache index of each beam's codes fed so far
     input_ids, attention_mask, prefix = split_prefix([model], vocab, input_ids, attention_mask)
     # the shared prefix's KV (or nothing), then the prompts and every code token fed: indexed by `ancestors`
-    kv = None if prefix is None else expand_kv(prefix[0], B)
+    kv = None if prefix is None else prefix[0]
     path_lp = torch.zeros(B, 1, 0, C, device=dev)  # [B, H, level, C] each beam's distributions so far
     calls = 0
     for level in range(L):

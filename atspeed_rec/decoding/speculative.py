@@ -55,7 +55,7 @@ from atspeed_rec.decoding.beam_search import (NEG_INF, STAGES, BeamResult, Beams
                                               masked_code_logprobs, padded_topk, select_top_k)
 from atspeed_rec.decoding.sampling import check_last_level, gumbel, gumbel_top_k, sample_top_k, sort_beams
 from atspeed_rec.decoding.tree import DraftTree, cache_rows, tree_forward
-from atspeed_rec.models.prefix_cache import expand_kv, split_prefix
+from atspeed_rec.models.prefix_cache import split_prefix
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -407,7 +407,7 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
         d = min(gamma, L - cur - 1) if cur >= draft_start else 0
         encode = draft_kv is None and d > 0  # the draft's first pass encodes the prompts too (after their prefix)
         if encode:
-            kv = None if prefix is None else expand_kv(prefix[1], G)
+            kv = None if prefix is None else cache_rows(prefix[1], rows)
         else:
             kv = None if draft_kv is None else cache_rows(draft_kv, rows)
         with record_function(STAGES["draft"]):
@@ -418,7 +418,7 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
         stats.draft_calls += d
         with record_function(STAGES["target"]):  # the beams' newest codes (their earlier ones are cached) + the tree
             if first:  # nothing cached yet but the shared prefix, if any
-                target_kv = None if prefix is None else expand_kv(prefix[0], B)
+                target_kv = None if prefix is None else prefix[0]
             lp_beams, lp_tree, kv_t = tree_forward(target, vocab, mask, beams.codes, tree,
                                                    None if target_kv is None else cache_rows(target_kv, rows), ids,
                                                    fed[rows, :H, :max(cur - 1, 0)])  # [G, H, cur - 1]

@@ -86,7 +86,7 @@ def prefix_kv(model, vocab: CodeVocab) -> KV:
 
 def split_prefix(models, vocab: CodeVocab, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """Left-padded prompts `[B, P]` as (the tokens to feed `[B, P - p]`, the mask of the prompts as the cache
-    will hold them `[B, P]`, each model's prefix KV `[1, ...]`) when every model in `models` has the same
+    will hold them `[B, P]`, each model's prefix KV as B rows `[B, ...]`, views of one) when every model in `models` has the same
     registered prefix and every prompt is that prefix and at least one more token; else the prompts as
     they are and None (everything is then fed, as before)."""
     prefix = registered_prefix(models[0])
@@ -103,9 +103,5 @@ def split_prefix(models, vocab: CodeVocab, input_ids: torch.Tensor, attention_ma
         return input_ids, attention_mask, None
     rest = cols[:P - p] >= start  # [B, P - p] the history, still right-aligned
     cached = torch.cat([torch.ones(B, p, dtype=torch.bool, device=dev), rest], 1).to(attention_mask.dtype)
-    return input_ids[:, p:], cached, [prefix_kv(m, vocab) for m in models]
-
-
-def expand_kv(kv: KV, rows: int) -> KV:
-    """A one-row cache as `rows` rows (views: `lm_forward` concatenates new tokens after it)."""
-    return [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv]
+    rows = [[(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix_kv(m, vocab)] for m in models]
+    return input_ids[:, p:], cached, rows  # views: `lm_forward` concatenates the new tokens after them
