@@ -150,11 +150,11 @@ def requests(args, served: dict, test, batch: int) -> list[common.Request]:
                                   s.config["device"])
 
 
-def spec_fn(model, mode: str, k: int, tree: Tree, generator, bound: bool = True):
+def spec_fn(model, mode: str, k: int, tree: Tree, generator, bound: bool = True, trie_fill: bool = True):
     t = model.target
     return lambda ids, mask: speculative_beam_search(t.lm, model.draft, t.trie, t.vocab, ids, mask, k, tree.n,
                                                      tree.gamma, mode, generator, model.temperature, model.last_level,
-                                                     bound, model.relaxed_rule, tree.start)
+                                                     bound, model.relaxed_rule, tree.start, trie_fill)
 
 
 def baseline_fn(model, mode: str, k: int, generator):

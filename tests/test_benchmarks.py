@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy  # noqa: E402
 import alignment  # noqa: E402
 import beam_search  # noqa: E402
-import bound  # noqa: E402
 import breakdown  # noqa: E402
 import ceiling  # noqa: E402
 import common  # noqa: E402
@@ -28,6 +27,7 @@ import precision  # noqa: E402
 import prefix  # noqa: E402
 import relaxed_inclusion  # noqa: E402
 import semantic_ids  # noqa: E402
+import shortcuts  # noqa: E402
 import speculative  # noqa: E402
 
 
@@ -124,17 +124,25 @@ def test_frontier_times_every_draft_tree(synth_root, in_tmp_dir):
     assert (in_tmp_dir / "plot.png").stat().st_size > 0
 
 
-def test_bound_compares_strict_verification_with_and_without_it_on_the_same_requests(synth_root, in_tmp_dir):
-    argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--ks=1,3", "--trees=3:6:2", "--requests=4",
-                    "--warmup=1")
-    assert bound.main(argv) == 0
+@pytest.mark.parametrize("shortcut", ["bound", "trie_fill"])
+def test_shortcuts_compares_strict_decoding_with_and_without_one_on_the_same_requests(synth_root, in_tmp_dir,
+                                                                                      shortcut):
+    argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--ks=1,3", "--trees=3:30:1:2", "--requests=4",
+                    "--warmup=1", f"--shortcut={shortcut}")
+    assert shortcuts.main(argv) == 0
     (rows,) = tables(in_tmp_dir / "table.md")
-    assert [(r["K"], r["N"], r["gamma"], r["rule"]) for r in rows] == [
-        ("1", "40", "1", "plain"), ("1", "40", "1", "bound"), ("3", "6", "2", "plain"), ("3", "6", "2", "bound")]
+    off, on = shortcuts.SHORTCUTS[shortcut]
+    assert [(r["K"], r["N"], r["gamma"], r["draft start"], r["rule"]) for r in rows] == [
+        ("1", "40", "1", "0", off), ("1", "40", "1", "0", on), ("3", "30", "1", "2", off), ("3", "30", "1", "2", on)]
     for r in rows:
-        assert number(r["speedup"]) > 0 and r["identical (of 4)"] == "4"  # strict: beam search's items, both rules
+        assert number(r["speedup"]) > 0 and r["identical (of 4)"] == "4"  # strict: beam search's items, both ways
         assert 0 <= number(r["of which by the bound"]) <= number(r["accepted steps"]) <= 3
-        assert r["rule"] == "bound" or number(r["of which by the bound"]) == 0
+        assert 0 <= number(r["filled from the trie"]) <= number(r["accepted steps"])
+        if r["rule"] == off:
+            assert number(r["of which by the bound" if shortcut == "bound" else "filled from the trie"]) == 0
+    if shortcut == "trie_fill":  # K = 3 drafting the 3rd code of a small catalog only: 30 nodes hold its pairs
+        assert number(rows[3]["filled from the trie"]) == 1 and number(rows[3]["draft calls"]) == 0
+        assert number(rows[2]["draft calls"]) == 1
 
 
 def test_alignment_trains_a_draft_per_loss_and_compares_it_with_none(synth_root, in_tmp_dir):

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from atspeed_rec.alignment.positions import allowed_along
 from atspeed_rec.decoding.beam_search import beam_search, masked_log_softmax
 from atspeed_rec.decoding.sampling import beam_sample
-from atspeed_rec.decoding.speculative import accept_drafts, drop_unreachable, fill_beams, speculative_beam_search
+from atspeed_rec.decoding.beam_search import Beams
+from atspeed_rec.decoding.speculative import (accept_drafts, draft_tree, drop_unreachable, fill_beams,
+                                              speculative_beam_search)
 from atspeed_rec.decoding.tree import DraftTree, cache_rows, prompt_positions, tree_forward
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
@@ -87,6 +89,7 @@ def test_strict_mode_returns_exactly_what_beam_search_returns(seed, k, extra, ga
     assert (stats.accepted_steps + stats.rounds + stats.forced_steps == 4).all()  # a round advances accepted + 1
     assert (stats.accepted_steps <= stats.drafted_levels).all()
     assert (stats.bounded_steps <= stats.accepted_steps).all() and (bound or not stats.bounded_steps.any())
+    assert (stats.filled_levels <= stats.accepted_steps).all()  # a level holding every valid pair always passes
     assert_per_code_counts_add_up(stats)
 
 
@@ -167,6 +170,44 @@ def test_with_a_later_draft_start_the_first_codes_are_the_targets_own_steps():
                                                  generator=torch.Generator().manual_seed(start), draft_start=start)
         assert_valid_distinct_sorted(sampled, trie, target, ids, mask)
         assert stats.accepted_steps.tolist() == [accepted] * 3
+
+
+def test_a_last_level_whose_valid_pairs_all_fit_in_the_tree_is_filled_from_the_trie_without_a_draft_pass():
+    codes, trie, target, _ = world(1)
+    anti = copy.deepcopy(target)
+    anti.lm_head.weight.data.neg_()  # prefers the target's least likely codes: the trie, not the draft, wins here
+    ids, mask = prompts(codes, 3, 1)
+    ref = beam_search(target, trie, VOCAB, ids, mask, 3)
+    spec, stats = speculative_beam_search(target, anti, trie, VOCAB, ids, mask, 3, 24, gamma=1, draft_start=2)
+    assert_same_as_beam_search(spec, ref)
+    assert stats.draft_calls == 0 and stats.filled_levels.tolist() == stats.accepted_steps.tolist() == [1, 1, 1]
+    assert stats.target_calls.tolist() == [3, 3, 3]  # codes 0 and 1, then code 2 verified with code 3 after it
+    spec, stats = speculative_beam_search(target, anti, trie, VOCAB, ids, mask, 3, 24, gamma=1, draft_start=2,
+                                          trie_fill=False)
+    assert_same_as_beam_search(spec, ref)
+    assert stats.draft_calls == 1 and not stats.filled_levels.any()
+    for rule, filled in [("coupled", 1), ("ratio", 0)]:  # the ratio rule may reject a drafted node: never filled
+        sampled, stats = speculative_beam_search(target, anti, trie, VOCAB, ids, mask, 3, 24, gamma=1, draft_start=2,
+                                                 mode="relaxed", generator=torch.Generator().manual_seed(0),
+                                                 relaxed_rule=rule)
+        assert_valid_distinct_sorted(sampled, trie, target, ids, mask)
+        assert stats.filled_levels.tolist() == [filled] * 3 and stats.draft_calls == 1 - filled
+    spec, stats = speculative_beam_search(target, anti, trie, VOCAB, ids, mask, 3, 4, gamma=1, draft_start=2)
+    assert_same_as_beam_search(spec, ref)  # 3 beams have more than 4 valid 3rd codes: the draft proposes 4
+    assert stats.draft_calls == 1 and not stats.filled_levels.any()
+
+
+def test_the_target_is_fed_no_dead_tree_nodes():
+    codes, trie, _, draft = world(0)
+    ids, mask = prompts(codes, 2, 0)
+    root = Beams(codes.new_zeros(2, 1, 0), torch.zeros(2, 1), trie.root_nodes(2, 1))
+    for depth, width, fed in [(1, 12, 8), (1, 5, 5), (2, 12, 12)]:  # 8 first codes; then more pairs than 12
+        tree, *_ = draft_tree(draft, None, mask, root, trie, VOCAB, depth, width, "strict", prompt_ids=ids)
+        assert tree.codes.shape[-1] == fed and tree.alive[:, -1].all()
+        assert (tree.alive[:, 0].sum(-1) == min(width, 8)).all()  # the first level keeps every live node
+        if width >= 8:
+            first = tree.codes[:, 0].masked_fill(~tree.alive[:, 0], 99).sort(-1).values[:, :8]
+            assert (first == torch.arange(8)).all()
 
 
 def test_an_adversarial_draft_still_gives_the_exact_strict_output():

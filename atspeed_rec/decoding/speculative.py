@@ -4,7 +4,11 @@ One round, for the requests at depth `cur` with H current beams (codes and TARGE
 1. Draft: d = min(gamma, L - cur - 1) steps of width-N beam search from the current beams (d = 0 while
    cur < `draft_start`: the round is then a plain target beam-search step), starting from their target
    scores (strict: top-N of S + log q; relaxed: N sampled without replacement from softmax(S + log q),
-   keeping that distribution q_j and the Gumbel noise of the draw). A tree of d levels x N nodes.
+   keeping that distribution q_j and the Gumbel noise of the draw). A tree of d levels x N nodes, less the
+   dead ones (fewer than N valid pairs). If the tree's last level's valid (parent, code) pairs all fit in
+   N, it is filled from the trie instead, with no draft pass (`trie_fill`; strict and the coupled rule):
+   every pair is a node, so the level always passes (amazon-beauty: 10% of K = 1 requests at N 2; at K >= 10
+   the target's beams sit in dense clusters, whose valid 3rd codes rarely fit in the tree).
 2. Target: ONE forward over the H beams' newest codes + the N*d tree tokens (first round: the prompt
    and the tree) with a tree attention mask (`tree.py`): its log-probs after every beam and tree node.
 3. Verify level i = 0..d. Strict: T_i = the top K of S_p(h) + log p(v | h), exactly what
@@ -81,6 +85,7 @@ class SpecStats:  # totals for the batch; per-request tensors where noted
     drafted_levels: torch.Tensor  # [B] drafted levels offered for verification
     rounds: torch.Tensor  # [B]
     forced_steps: torch.Tensor  # [B] codes the trie decided alone (no round): accepted + rounds + forced = L
+    filled_levels: torch.Tensor  # [B] drafted levels filled from the trie (every valid pair a node, no draft pass)
     accepted_at: torch.Tensor  # [B, L] drafted levels accepted, by the code position they drafted
     verified_at: torch.Tensor  # [B, L] drafted levels verified (accepted, or the one rejected), by code position
     bounded_steps: torch.Tensor  # [B] of the accepted levels, those accepted by dropping undrafted pairs (strict)
@@ -90,22 +95,32 @@ class SpecStats:  # totals for the batch; per-request tensors where noted
 
 
 def draft_tree(draft, kv, prompt_mask, beams: Beams, trie: CodeTrie, vocab: CodeVocab, depth: int, width: int,
-               mode: str, generator=None, temperature: float = 1.0, prompt_ids=None):
+               mode: str, generator=None, temperature: float = 1.0, prompt_ids=None, trie_fill: bool = False):
     """`depth` levels of width-`width` beam search from the current beams, starting from their TARGET scores.
 
     Level j is one draft pass (`tree_forward`) over the beam paths + the j levels grown so far after the
     cached prompt `kv` (or, given `prompt_ids`, the first pass encodes them too, after `kv`: None or the
-    prompts' shared prefix).
-    Returns the tree and the prompt's KV.
+    prompts' shared prefix). With `trie_fill`, the last level, if its valid (parent, code) pairs all fit in
+    `width` (in every request), needs no pass: its nodes are all those pairs, so the target's choice is always
+    drafted. (Only the last: a level after a filled one would rank its nodes by draft scores it lacks.)
+    Returns the tree without its dead tail (`DraftTree.trimmed`), the prompt's KV (`kv` itself while no pass
+    encoded it), the draft passes made and the levels filled from the trie.
     """
     G, _, cur = beams.codes.shape
     tree = DraftTree.empty(G, width, beams.codes.device)
     scores, nodes = beams.scores, beams.nodes  # [G, h]
+    calls = filled = 0
     for j in range(depth):
-        lp_beams, lp_tree, kv = tree_forward(draft, vocab, prompt_mask, beams.codes, tree, kv,
-                                             prompt_ids if j == 0 else None)
-        logprobs = lp_tree[:, -1] if j else lp_beams  # [G, h, L * C] after the newest level's nodes
-        code_lp = masked_code_logprobs(logprobs, vocab, trie, nodes, cur + j)  # [G, h, C]
+        valid = trie.allowed(nodes, cur + j) & (scores > NEG_INF).unsqueeze(-1)  # [G, h, C] pairs the trie allows
+        if trie_fill and j == depth - 1 and int(valid.sum((1, 2)).max()) <= width:  # all fit: no draft pass
+            code_lp = torch.zeros(valid.shape, device=valid.device).masked_fill(~valid, NEG_INF)  # [G, h, C]
+            filled += 1
+        else:
+            lp_beams, lp_tree, kv = tree_forward(draft, vocab, prompt_mask, beams.codes, tree, kv,
+                                                 prompt_ids if calls == 0 else None)
+            calls += 1
+            logprobs = lp_tree[:, -1] if j else lp_beams  # [G, h, L * C] after the newest level's nodes
+            code_lp = masked_code_logprobs(logprobs, vocab, trie, nodes, cur + j)  # [G, h, C]
         logq = noise = None
         if mode == "strict":
             parent, code, scores = select_top_k(scores, code_lp, width)  # top-N of S + log q
@@ -117,7 +132,7 @@ def draft_tree(draft, kv, prompt_mask, beams: Beams, trie: CodeTrie, vocab: Code
         live = scores > NEG_INF
         nodes = torch.where(live, trie.step(nodes.gather(1, parent), code, cur + j), 0)  # [G, N]
         tree = tree.grow(parent, code, live, logq, noise)
-    return tree, kv
+    return tree.trimmed(), kv, calls, filled
 
 
 # ---------------------------------------------------------------- verification
@@ -348,7 +363,8 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
                             attention_mask: torch.Tensor, num_beams: int, draft_beams: int, gamma: int,
                             mode: str = "strict", generator=None, temperature: float = 1.0,
                             last_level: str = "top_k", bound: bool = True,
-                            relaxed_rule: str = "coupled", draft_start: int = 0) -> tuple[BeamResult, SpecStats]:
+                            relaxed_rule: str = "coupled", draft_start: int = 0,
+                            trie_fill: bool = True) -> tuple[BeamResult, SpecStats]:
     """Top-`num_beams` valid items per left-padded prompt `input_ids [B, P]`, by speculative beam search.
 
     strict: the same items, order and scores (up to float noise) as `beam_search(target, ...)`; with `bound`
@@ -357,6 +373,8 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
     relaxed: `beam_sample(target, ..., temperature, last_level)`'s distribution ("coupled" rule), or the
     paper's approximation of it ("ratio"), sorted by target score.
     draft_start: the first code position the draft proposes; the codes before it are plain target steps.
+    trie_fill (strict and the coupled relaxed rule, where a level holding every valid pair always passes): a
+    tree's last level whose valid pairs all fit in N is filled from the trie, with no draft pass (`draft_tree`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -369,6 +387,7 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
     if relaxed_rule not in RELAXED_RULES:
         raise ValueError(f"relaxed_rule must be one of {tuple(RELAXED_RULES)}, got {relaxed_rule!r}")
     B, K, N, L = input_ids.shape[0], num_beams, draft_beams, vocab.levels
+    fill = trie_fill and (mode == "strict" or relaxed_rule == "coupled")
     dev = input_ids.device
     input_ids, attention_mask, prefix = split_prefix([target, draft], vocab, input_ids, attention_mask)
     codes = input_ids.new_zeros(B, K, L)
@@ -378,7 +397,7 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
     fed = input_ids.new_zeros(B, K, L)  # target cache index of each beam's codes (but the newest)
     stats = SpecStats(target_calls=input_ids.new_zeros(B), draft_calls=0, accepted_steps=input_ids.new_zeros(B),
                       drafted_levels=input_ids.new_zeros(B), rounds=input_ids.new_zeros(B),
-                      forced_steps=input_ids.new_zeros(B),
+                      forced_steps=input_ids.new_zeros(B), filled_levels=input_ids.new_zeros(B),
                       accepted_at=input_ids.new_zeros(B, L), verified_at=input_ids.new_zeros(B, L),
                       bounded_steps=input_ids.new_zeros(B))
     position = torch.arange(L, device=dev)  # code positions
@@ -411,11 +430,12 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
         else:
             kv = None if draft_kv is None else cache_rows(draft_kv, rows)
         with record_function(STAGES["draft"]):
-            tree, kv = draft_tree(draft, kv, mask, beams, trie, vocab, d, N, mode, generator, temperature,
-                                  input_ids[rows] if encode else None)
-        if encode:  # every request still decoding is in this round (rounds before it advanced all by 1)
-            draft_kv = kv if G == B else scatter_rows(kv, rows, B)
-        stats.draft_calls += d
+            tree, kv, draft_calls, filled = draft_tree(draft, kv, mask, beams, trie, vocab, d, N, mode, generator,
+                                                       temperature, input_ids[rows] if encode else None, fill)
+        if encode and draft_calls:  # every request still decoding is in this round (each round before it
+            draft_kv = kv if G == B else scatter_rows(kv, rows, B)  # advanced all its rows alike: by 1, or by 2)
+        stats.draft_calls += draft_calls
+        stats.filled_levels[rows] += filled
         with record_function(STAGES["target"]):  # the beams' newest codes (their earlier ones are cached) + the tree
             if first:  # nothing cached yet but the shared prefix, if any
                 target_kv = None if prefix is None else prefix[0]

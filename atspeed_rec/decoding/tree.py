@@ -48,6 +48,17 @@ class DraftTree:
         return DraftTree(cat(self.parents, parents), cat(self.codes, codes), cat(self.alive, alive),
                          self.logq + ([] if logq is None else [logq]), self.noise + ([] if noise is None else [noise]))
 
+    def trimmed(self) -> "DraftTree":
+        """The tree without the dead nodes no level needs: a level's nodes are drawn best first and dead ones
+        score -inf, so they come last; keeping the most live nodes of any level (and request) keeps every
+        live node, and their parents' indices. The target then feeds no padding nodes."""
+        if self.depth == 0:
+            return self
+        n = int(self.alive.sum(-1).max())
+        if n == self.codes.shape[-1]:
+            return self
+        return DraftTree(self.parents[..., :n], self.codes[..., :n], self.alive[..., :n], self.logq, self.noise)
+
     def level(self, j: int) -> "DraftLevel":
         """Level j's nodes; q_j and its noise are None in strict mode."""
         return DraftLevel(self.parents[:, j], self.codes[:, j], self.alive[:, j],
