@@ -5,8 +5,9 @@ the target-only beam search at K (our KV-cached search: the speedup's baseline);
 prefill of the prompt (after its cached text prefix, as decoding feeds it); one target decode step
 of the K beams (their newest codes after the cached prompt and earlier codes, as `beam_search` feeds
 them); one target pass over the prompt plus T tree tokens (what a first speculative round costs:
-`--tree` T values); the draft's prefill and one draft level of N nodes. The ceiling is target-only / (prompt + T pass): the speedup of a draft that costs nothing
-and is accepted at every level, so that one target call decodes the whole ID. Timings depend on
+`--tree` T values); the draft's prefill and one draft level of N nodes. The ceiling is target-only /
+(prompt + T pass): the speedup of a draft that costs nothing and is accepted at every level, so that
+one target call decodes the whole ID. Timings depend on
 the models' shapes and dtype, not their weights: random weights (--allow_untrained) measure the
 same costs.
 

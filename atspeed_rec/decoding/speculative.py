@@ -111,8 +111,10 @@ def draft_tree(draft, kv, prompt_mask, beams: Beams, trie: CodeTrie, vocab: Code
     scores, nodes = beams.scores, beams.nodes  # [G, h]
     calls = filled = 0
     for j in range(depth):
-        valid = trie.allowed(nodes, cur + j) & (scores > NEG_INF).unsqueeze(-1)  # [G, h, C] pairs the trie allows
-        if trie_fill and j == depth - 1 and int(valid.sum((1, 2)).max()) <= width:  # all fit: no draft pass
+        valid = None
+        if trie_fill and j == depth - 1:  # [G, h, C] the last level's (live parent, code) pairs the trie allows
+            valid = trie.allowed(nodes, cur + j) & (scores > NEG_INF).unsqueeze(-1)
+        if valid is not None and int(valid.sum((1, 2)).max()) <= width:  # all fit: no draft pass
             code_lp = torch.zeros(valid.shape, device=valid.device).masked_fill(~valid, NEG_INF)  # [G, h, C]
             filled += 1
         else:

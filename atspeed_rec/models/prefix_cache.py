@@ -86,9 +86,9 @@ def prefix_kv(model, vocab: CodeVocab) -> KV:
 
 def split_prefix(models, vocab: CodeVocab, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """Left-padded prompts `[B, P]` as (the tokens to feed `[B, P - p]`, the mask of the prompts as the cache
-    will hold them `[B, P]`, each model's prefix KV as B rows `[B, ...]`, views of one) when every model in `models` has the same
-    registered prefix and every prompt is that prefix and at least one more token; else the prompts as
-    they are and None (everything is then fed, as before)."""
+    will hold them `[B, P]`, each model's prefix KV as B rows `[B, ...]`, views of one) when every model in
+    `models` has the same registered prefix and every prompt is that prefix and at least one more token; else
+    the prompts as they are and None (everything is then fed, as before)."""
     prefix = registered_prefix(models[0])
     p, (B, P) = len(prefix), input_ids.shape
     if not p or P <= p or any(registered_prefix(m) != prefix for m in models[1:]):
