@@ -175,6 +175,20 @@ def test_strict_serving_falls_back_to_the_targets_own_search_when_no_tree_beats_
     assert summary["accepted_steps"] == 0 and summary["target_calls"] >= 1
 
 
+def test_the_test_pass_decodes_length_groups_into_the_targets_own_lists(synth_root, in_tmp_dir):
+    model, batches = tuning_model(synth_root, in_tmp_dir)
+    model.tree_tuned, model.single_requests, model.eval_beams = True, 0, model.num_beams  # the batched pass only
+    assert model.target.eval_length_buckets > 1
+    with torch.no_grad():
+        for batch in batches[:2]:
+            scores = model.full_sort_predict(batch)  # strict, each group of like history lengths on its own
+            ids, mask = model.target.prompt(batch)
+            ref = beam_search(model.target.lm, model.target.trie, model.target.vocab, ids, mask, model.num_beams)
+            assert torch.equal(scores.topk(model.num_beams).indices, ref.items)  # the whole batch's lists
+    summary = model.spec_meter.summary()
+    assert model.spec_meter.requests == sum(len(b) for b in batches[:2]) and summary["target_calls"] >= 1
+
+
 def test_a_candidate_tree_without_a_draft_start_takes_the_configured_one():
     assert atspeed.parse_trees([[20, 1], [30, 2, 2], (40, 1, 0)], 20, draft_start=1) == [(20, 1, 1), (30, 2, 2),
                                                                                           (40, 1, 0)]

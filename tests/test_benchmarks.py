@@ -23,6 +23,7 @@ import common  # noqa: E402
 import decoders  # noqa: E402
 import frontier  # noqa: E402
 import fused  # noqa: E402
+import length_groups  # noqa: E402
 import precision  # noqa: E402
 import prefix  # noqa: E402
 import relaxed_inclusion  # noqa: E402
@@ -143,6 +144,23 @@ def test_shortcuts_compares_strict_decoding_with_and_without_one_on_the_same_req
     if shortcut == "trie_fill":  # K = 3 drafting the 3rd code of a small catalog only: 30 nodes hold its pairs
         assert number(rows[3]["filled from the trie"]) == 1 and number(rows[3]["draft calls"]) == 0
         assert number(rows[2]["draft calls"]) == 1
+
+
+def test_length_groups_times_batches_whole_and_grouped_and_strict_keeps_their_items(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--settings=4:1,4:2,8:4", "--requests=8",
+                    "--warmup=1", "--modes=strict,relaxed")
+    assert length_groups.main(argv) == 0
+    (rows,) = tables(in_tmp_dir / "table.md")
+    decoders_ = ["beam_search", "strict speculative", "relaxed speculative"]
+    assert [(r["decoder"], r["batch"], r["groups"]) for r in rows] == [
+        *[(d, "4", g) for d in decoders_ for g in ("1", "2")], *[(d, "8", "4") for d in decoders_]]
+    for r in rows:
+        assert number(r["ms a request"]) > 0
+        assert number(r["prompt tokens computed"]) >= 1.0  # pads are computed, never fewer than the real tokens
+        if r["decoder"] != "relaxed speculative":  # float32: grouping changes nothing
+            assert r["items as decoded whole (of 8)"] == "8"
+    whole, grouped = (number(r["prompt tokens computed"]) for r in rows[:2])
+    assert grouped < whole
 
 
 def test_alignment_trains_a_draft_per_loss_and_compares_it_with_none(synth_root, in_tmp_dir):

@@ -5,7 +5,7 @@ import json
 import torch
 from recbole.data import create_dataset, data_preparation
 
-from atspeed_rec.recbole_glue.genrec import GenRec
+from atspeed_rec.recbole_glue.genrec import GenRec, length_groups
 from atspeed_rec.recbole_glue.checkpoint import load_checkpoint, save_checkpoint
 from atspeed_rec.recbole_glue.cli import main
 from atspeed_rec.recbole_glue.runner import build_config
@@ -66,6 +66,24 @@ def test_full_sort_scores_rank_the_beam_items_first(synth_root, in_tmp_dir):
     top = scores.topk(model.num_beams, dim=1).indices
     assert torch.equal(top, beams.items)  # RecBole's ranking = the beam order
     assert (beams.items > 0).all()
+
+
+def test_a_batch_decoded_in_length_groups_ranks_as_the_whole_batch_does(synth_root, in_tmp_dir):
+    model, _, test = small_genrec(synth_root)
+    batch = next(iter(test))[0]
+    _, mask = model.prompt(batch)
+    groups = length_groups(mask, 3)
+    lengths = [mask[rows].sum(1) for rows in groups]
+    assert sorted(torch.cat(groups).tolist()) == list(range(len(mask)))  # every request once
+    assert all(a.max() <= b.min() for a, b in zip(lengths, lengths[1:])) and lengths[0].min() < lengths[-1].max()
+    with torch.no_grad():
+        model.eval_length_buckets = 1
+        whole = model.full_sort_predict(batch)
+        model.eval_length_buckets = 3
+        grouped = model.full_sort_predict(batch)
+    k = model.num_beams
+    assert torch.equal(grouped.topk(k).indices, whole.topk(k).indices)  # the same lists, in order
+    torch.testing.assert_close(grouped, whole, atol=1e-5, rtol=2e-6)
 
 
 def test_predict_scores_the_log_probability_of_an_items_codes(synth_root, in_tmp_dir):

@@ -131,9 +131,10 @@ def generate_teacher(target, rows, k_train: int, batch_size: int, show_progress:
     target.eval()
     trie, device = target.trie, target.item_codes.device
     parts = {k: [] for k in ("users", "items", "lengths", "codes", "valid", "counts", "values")}
+    order = torch.argsort(rows[target.ITEM_SEQ_LEN].cpu(), stable=True)  # batches of like lengths: little padding
     starts = list(range(0, len(rows), batch_size))[rank::world_size]
     for start in tqdm(starts, desc=set_color("Teacher data", "pink"), ncols=100, disable=not show_progress):
-        inter = rows[start:start + batch_size].to(device)
+        inter = rows[order[start:start + batch_size]].to(device)
         input_ids, mask = target.prompt(inter)
         beams = beam_search(target.lm, trie, target.vocab, input_ids, mask, k_train, keep_logprobs=True)
         valid = beams.items > 0  # [b, K]

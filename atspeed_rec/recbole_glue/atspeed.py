@@ -28,7 +28,7 @@ from atspeed_rec.errors import ConfigError
 from atspeed_rec.models.draft import build_draft
 from atspeed_rec.models.prefix_cache import register_prefix
 from atspeed_rec.recbole_glue.base import ProjectModel
-from atspeed_rec.recbole_glue.genrec import GenRec, trim_left, beams_to_scores
+from atspeed_rec.recbole_glue.genrec import GenRec, beams_to_scores, length_groups, trim_left
 from atspeed_rec.recbole_glue.metrics import SpecMeter, timed
 
 DRAFT_KEYS = ("draft_n_layers", "draft_hidden_size", "draft_n_heads", "draft_inner_size",
@@ -151,6 +151,22 @@ class AtSpeedS(ProjectModel):
         input_ids, mask = self.target.prompt(interaction)
         if self.phase == "test" and not self.tree_tuned:
             self.tune_tree(input_ids, mask)
+        time_target = self.spec_meter.timed_batches < self.timed_batches  # this batch target-only too
+        scores = torch.empty(len(input_ids), self.n_items, device=input_ids.device)  # [B, n_items]
+        totals = [0.0] * 5  # accepted levels, drafted levels, target calls, seconds, target-only seconds
+        for rows in length_groups(mask, self.target.eval_length_buckets):  # fewer pad tokens than the batch
+            ids, m = trim_left(input_ids[rows], mask[rows])
+            beams, *counts = self.decode_group(ids, m, time_target)
+            scores[rows] = beams_to_scores(beams, self.n_items)
+            totals = [t + c for t, c in zip(totals, counts)]
+        self.spec_meter.add(len(input_ids), *totals[:4], totals[4] if time_target else None)
+        if self.phase == "test":
+            self.time_single_requests(input_ids, mask)
+        return scores
+
+    def decode_group(self, input_ids, mask, time_target: bool):
+        """Beams of one group of requests as the phase decodes them, its accepted and drafted levels, target
+        calls and seconds, and (if `time_target`) the seconds of the target's own search on it."""
         target = partial(beam_search, self.target.lm, self.target.trie, self.target.vocab, input_ids, mask,
                          self.eval_beams)
         if self.phase == "test" and self.serve_target:  # the tuning chose the target's own search: nothing drafted
@@ -160,13 +176,8 @@ class AtSpeedS(ProjectModel):
             (beams, stats), seconds = timed(lambda: self.speculative(input_ids, mask), input_ids.device)
             accepted, drafted = float(stats.accepted_steps.sum()), float(stats.drafted_levels.sum())
             calls = float(stats.target_calls.sum())
-        target_seconds = None
-        if self.spec_meter.timed_batches < self.timed_batches:  # the same batch, target only
-            _, target_seconds = timed(target, input_ids.device)
-        self.spec_meter.add(len(input_ids), accepted, drafted, calls, seconds, target_seconds)
-        if self.phase == "test":
-            self.time_single_requests(input_ids, mask)
-        return beams_to_scores(beams, self.n_items)  # [B, n_items]
+        target_seconds = timed(target, input_ids.device)[1] if time_target else 0.0
+        return beams, accepted, drafted, calls, seconds, target_seconds
 
     def serve_alone(self, ids, mask, tree: Tree, generator):
         """One test request `[1, P]` decoded as served (mode, K, temperature) on the tree (N, gamma, draft_start)."""

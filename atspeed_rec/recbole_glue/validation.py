@@ -118,6 +118,8 @@ RULES = (
     _pos("draft_learning_rate", "the draft's learning rate must be > 0", "0.001"),
     _int("train_batch_size", 1, "a training batch needs at least 1 row"),
     _int("eval_batch_size", 1, "an evaluation batch needs at least 1 request"),
+    _int("eval_length_buckets", 1, "an evaluation batch is decoded in at least 1 group of requests",
+         "set --eval_length_buckets=1 (the whole batch at once) or more groups of similar history length"),
     _int("epochs", 1, "at least 1 training epoch is needed (with 0 nothing is trained, yet the untrained "
                       "model would be saved as a finished one)"),
     _int("stopping_step", 1, "early stopping needs at least 1 validation without improvement"),
