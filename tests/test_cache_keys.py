@@ -18,6 +18,7 @@ PROPERTIES = Path(__file__).resolve().parents[1] / "properties"
 
 NOT_WEIGHTS = {
     "eval_batch_size": "requests per evaluation batch: the same outputs",
+    "eval_length_buckets": "groups of like history length an evaluation batch is decoded in: the same outputs",
     "teacher_batch_size": "requests per teacher beam-search batch: the same beams",
     "speedup_batches": "test batches also decoded target-only, for the speedup's timing",
     "speedup_requests": "test requests also decoded alone both ways, for the batch-1 speedup",
