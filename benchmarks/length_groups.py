@@ -26,7 +26,7 @@ import sys
 
 import common
 import decoders
-from atspeed_rec.recbole_glue.genrec import length_groups, trim_left
+from atspeed_rec.recbole_glue.genrec import by_length, length_groups
 
 
 def parse_args(argv=None):
@@ -51,7 +51,7 @@ def settings(text: str) -> dict[int, list[int]]:
 
 def grouped(fn, groups: int):
     """`fn(ids, mask)` on each length group of the batch, trimmed to the group's longest prompt."""
-    return lambda ids, mask: [fn(*trim_left(ids[rows], mask[rows])) for rows in length_groups(mask, groups)]
+    return lambda ids, mask: [fn(i, m) for _, i, m in by_length(ids, mask, groups)]
 
 
 def items_of(out):

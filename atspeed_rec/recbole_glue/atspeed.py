@@ -28,7 +28,7 @@ from atspeed_rec.errors import ConfigError
 from atspeed_rec.models.draft import build_draft
 from atspeed_rec.models.prefix_cache import register_prefix
 from atspeed_rec.recbole_glue.base import ProjectModel
-from atspeed_rec.recbole_glue.genrec import GenRec, beams_to_scores, length_groups, trim_left
+from atspeed_rec.recbole_glue.genrec import GenRec, beams_to_scores, by_length, trim_left
 from atspeed_rec.recbole_glue.metrics import SpecMeter, timed
 
 DRAFT_KEYS = ("draft_n_layers", "draft_hidden_size", "draft_n_heads", "draft_inner_size",
@@ -154,8 +154,7 @@ class AtSpeedS(ProjectModel):
         time_target = self.spec_meter.timed_batches < self.timed_batches  # this batch target-only too
         scores = torch.empty(len(input_ids), self.n_items, device=input_ids.device)  # [B, n_items]
         totals = [0.0] * 5  # accepted levels, drafted levels, target calls, seconds, target-only seconds
-        for rows in length_groups(mask, self.target.eval_length_buckets):  # fewer pad tokens than the batch
-            ids, m = trim_left(input_ids[rows], mask[rows])
+        for rows, ids, m in by_length(input_ids, mask, self.target.eval_length_buckets):  # fewer pad tokens
             beams, *counts = self.decode_group(ids, m, time_target)
             scores[rows] = beams_to_scores(beams, self.n_items)
             totals = [t + c for t, c in zip(totals, counts)]
