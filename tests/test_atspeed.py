@@ -11,7 +11,7 @@ from recbole.data import create_dataset, data_preparation
 from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.decoding.speculative import speculative_beam_search
 from atspeed_rec.recbole_glue import atspeed
-from atspeed_rec.recbole_glue.atspeed import AtSpeedS
+from atspeed_rec.recbole_glue.atspeed import AtSpeedR, AtSpeedS
 from atspeed_rec.recbole_glue.checkpoint import load_checkpoint
 from atspeed_rec.recbole_glue.genrec import beams_to_scores
 from atspeed_rec.recbole_glue.cli import main
@@ -93,15 +93,15 @@ def test_a_non_positive_sampling_temperature_is_refused(synth_root, in_tmp_dir, 
     assert "sample_temperature=0.0" in capsys.readouterr().err
 
 
-def tuning_model(synth_root, in_tmp_dir) -> tuple[AtSpeedS, list]:
-    """A trained AtSpeedS about to test, with candidate trees (20, 1) and (20, 3) beside its own (40, 1),
-    and the test split's batches."""
+def tuning_model(synth_root, in_tmp_dir, cls=AtSpeedS, **extra) -> tuple[AtSpeedS, list]:
+    """A trained AtSpeedS (served as `cls`) about to test, with candidate trees (20, 1) and (20, 3) beside its own
+    (40, 1), and the test split's batches."""
     assert run(synth_root, "AtSpeedS", in_tmp_dir / "s.json") == 0  # trains; the tuning decodes only
     config = build_config("AtSpeedS", "synth", [str(synth_root / "synth.yaml")],
                           {"data_path": str(synth_root), **SMALL, "tree_candidates": [[20, 1], [20, 3]],
-                           "tree_tuning_requests": 3})
+                           "tree_tuning_requests": 3, **extra})
     train, _, test = data_preparation(config, create_dataset(config))
-    model = AtSpeedS(config, train._dataset)
+    model = cls(config, train._dataset)
     load_checkpoint(model, next((in_tmp_dir / "saved").glob("AtSpeedS-synth-*.safetensors")))
     model.eval()
     model.start_evaluation("test")
@@ -142,7 +142,7 @@ def test_the_tuning_warns_when_no_tree_beats_the_targets_own_search(synth_root, 
     assert "the target's own search:" in caplog.text  # the bar is in the log line of the tuning
     assert "no candidate tree is faster than the target's own beam search at K=20" in caplog.text
 
-    model.tree_tuned, model.fallback = False, False  # --serve_target_if_faster=False (AtSpeedR: always)
+    model.tree_tuned, model.fallback = False, False  # --serve_target_if_faster=False (or the ratio rule)
     caplog.clear()
     with torch.no_grad(), caplog.at_level(logging.INFO):
         model.tune_tree(*model.target.prompt(batch))
@@ -173,6 +173,76 @@ def test_strict_serving_falls_back_to_the_targets_own_search_when_no_tree_beats_
     assert torch.equal(scores, beams_to_scores(target, model.n_items))  # the target's own lists
     summary = model.spec_meter.summary()
     assert summary["accepted_steps"] == 0 and summary["target_calls"] >= 1
+
+
+def spy(monkeypatch, name: str) -> list:
+    """Count the calls of `atspeed.<name>` (a decoder), which still runs."""
+    calls, real = [], getattr(atspeed, name)
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[3]))  # the requests decoded
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(atspeed, name, counted)
+    return calls
+
+
+def batches_after_timing(model, batches, caplog) -> list:
+    """The test pass's scores of `batches` as served, after a tuning that kept the tree; the first batch is timed
+    both ways."""
+    model.tree_tuned, model.single_requests, model.timed_batches = True, 0, 1
+    with torch.no_grad(), caplog.at_level(logging.INFO):
+        return [model.full_sort_predict(batch) for batch in batches]
+
+
+def test_batches_after_the_timed_ones_are_decoded_by_the_targets_own_search_where_it_was_faster(
+        synth_root, in_tmp_dir, monkeypatch, caplog):
+    model, batches = tuning_model(synth_root, in_tmp_dir)
+    assert len(batches) >= 3
+    served = slow_trees(monkeypatch, {(40, 1): 0.3})  # speculation loses on the timed batch
+    searches = spy(monkeypatch, "beam_search")
+    scores = batches_after_timing(model, batches, caplog)
+    assert len(served) == 1 and model.serve_target_batches  # only the timed batch was speculative
+    assert searches == [len(batch) for batch in batches]  # the timed batch's reference, then each batch as served
+    assert "decoding the other batches by the target's own beam search, the same lists" in caplog.text
+    with torch.no_grad():
+        for batch, got in zip(batches, scores):
+            ids, mask = model.target.prompt(batch)
+            ref = beam_search(model.target.lm, model.target.trie, model.target.vocab, ids, mask, model.num_beams)
+            assert torch.equal(got.topk(model.num_beams).indices, ref.items)
+    meter = model.spec_meter
+    assert meter.requests == sum(len(b) for b in batches) and meter.spec_requests == len(batches[0])
+    assert model.spec_meter.summary()["speedup_batch"] < 1  # the timed batch's own figure
+
+    model.start_evaluation("test")  # a new evaluation decides again
+    assert not model.serve_target_batches
+
+
+def test_relaxed_batches_fall_back_to_beam_sampling_and_only_under_the_coupled_rule(
+        synth_root, in_tmp_dir, monkeypatch, caplog):
+    model, batches = tuning_model(synth_root, in_tmp_dir, cls=AtSpeedR)
+    served = slow_trees(monkeypatch, {(40, 1): 0.3})
+    sampled = spy(monkeypatch, "beam_sample")
+    batches_after_timing(model, batches, caplog)
+    assert len(served) == 1 and sampled == [len(batch) for batch in batches[1:]]  # the coupled rule's twin
+    assert "by the target's own beam sampling at T 0.5, the same distribution" in caplog.text
+
+    model, batches = tuning_model(synth_root, in_tmp_dir, cls=AtSpeedR, relaxed_rule="ratio")
+    served = slow_trees(monkeypatch, {(40, 1): 0.3})
+    sampled = spy(monkeypatch, "beam_sample")
+    batches_after_timing(model, batches, caplog)
+    assert len(served) == len(batches) and not sampled and not model.serve_target_batches  # no twin: speculating on
+
+
+def test_the_test_pass_keeps_speculating_where_the_timed_batches_were_faster(synth_root, in_tmp_dir, monkeypatch,
+                                                                            caplog):
+    model, batches = tuning_model(synth_root, in_tmp_dir)
+    served = slow_trees(monkeypatch, {(40, 1): 0.0})
+    real = atspeed.beam_search
+    monkeypatch.setattr(atspeed, "beam_search", lambda *a, **k: (time.sleep(0.3), real(*a, **k))[1])  # slow target
+    batches_after_timing(model, batches, caplog)
+    assert len(served) == len(batches) and not model.serve_target_batches
+    assert "speculating on" in caplog.text
 
 
 def test_the_test_pass_decodes_length_groups_into_the_targets_own_lists(synth_root, in_tmp_dir):

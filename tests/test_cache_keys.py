@@ -34,7 +34,8 @@ NOT_WEIGHTS = {
     "draft_start": "where the serving tree starts: the draft is validated on its own tree, from the first code",
     "tree_candidates": "serving trees timed before the test pass: the draft is validated on its own tree",
     "tree_tuning_requests": "how many test requests time the serving trees",
-    "serve_target_if_faster": "whether the test pass may serve the target's own search: the draft is not used",
+    "serve_target_if_faster": "whether the test pass may serve the target's own search where it was faster: "
+                              "the draft is not used",
     "sample_temperature": "relaxed serving only: draft validation decodes strictly",
     "relaxed_last_level": "relaxed serving only: draft validation decodes strictly",
     "relaxed_rule": "relaxed serving only: draft validation decodes strictly",

@@ -5,9 +5,14 @@ The models hold the target (frozen), the draft and the decoding settings; how th
 speculative beam search (strict top-K verification for AtSpeedS, relaxed sampling verification
 for AtSpeedR) on the serving tree (`draft_beams`, `gamma`, `draft_start`; or, with `tree_candidates`,
 the fastest of those trees timed on the first test requests) and reports beside Recall and NDCG the speedup over
-the target's own beam search and the acceptance statistics (`SpecMeter`). When that timing finds no
-tree faster than the target's own search, AtSpeedS serves that search (`serve_target_if_faster`):
-strict verification returns its output anyway.
+the target's own beam search and the acceptance statistics (`SpecMeter`).
+
+Speculation is served only where it was measured to pay (`serve_target_if_faster`), as LLM servers turn it
+off at batch sizes where it loses: when the tuning finds no tree faster than the target's own search on
+requests decoded alone, or when the test pass's first `speedup_batches` batches, decoded both ways, were
+faster target-only, the test pass decodes by the target's own search instead: beam search for AtSpeedS
+(strict verification returns its lists anyway), beam sampling at the served temperature for AtSpeedR (the
+coupled rule's output distribution; the paper's ratio rule has no target-only twin and keeps speculating).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from recbole.utils import InputType
 from atspeed_rec.alignment.objective import AlignConfig, draft_loss
 from atspeed_rec.alignment.teacher import SampleIndex
 from atspeed_rec.decoding.beam_search import beam_search
+from atspeed_rec.decoding.sampling import beam_sample
 from atspeed_rec.decoding.speculative import Tree, speculative_beam_search
 from atspeed_rec.errors import ConfigError
 from atspeed_rec.models.draft import build_draft
@@ -92,15 +98,18 @@ class AtSpeedS(ProjectModel):
         self.tree_candidates = parse_trees(config["tree_candidates"], self.num_beams, self.tree.start)
         self.tree_tuning_requests = int(config["tree_tuning_requests"])
         self.tree_tuned = not self.tree_candidates  # tuned at the first test batch when there are candidates
-        # strict only: the tuning may find the target's own search faster than every tree; its output is the same
-        self.fallback = self.verification == "strict" and bool(config["serve_target_if_faster"])
-        self.serve_target = False  # set by the tuning: the test pass decodes by the target's own beam search
         self.temperature = float(config["sample_temperature"])
         if not self.temperature > 0:
             raise ConfigError(f"sample_temperature={self.temperature}: relaxed sampling divides scores by it; "
                               "fix: a value > 0 (1 = plain beam sampling, smaller = closer to beam search)")
         self.last_level = str(config["relaxed_last_level"])  # relaxed: top K or K samples at the last code
         self.relaxed_rule = str(config["relaxed_rule"])  # relaxed: how a drafted level is verified
+        # Where the target's own search was timed faster, serve it if its output is the speculative search's
+        # (strict: the same lists; coupled relaxed rule: the same distribution, `own_search`).
+        self.fallback = bool(config["serve_target_if_faster"]) and (
+            self.verification == "strict" or self.relaxed_rule == "coupled")
+        self.serve_target = False  # set by the tuning: the test pass decodes by the target's own search
+        self.serve_target_batches = False  # set after the timed test batches: the remaining batches do
         self.timed_batches = int(config["speedup_batches"])  # batches also decoded target-only
         self.single_requests = int(config["speedup_requests"])  # test requests also timed alone, both ways
         self.phase = "test"
@@ -127,6 +136,7 @@ class AtSpeedS(ProjectModel):
         self.phase = phase
         self.eval_beams = self.valid_beams if phase == "valid" else self.num_beams
         self.generator = None  # reseeded at the next batch
+        self.serve_target_batches = False  # decided again after this evaluation's timed batches
 
     def decoding(self) -> str:
         temperature = (f", rule={self.relaxed_rule}, temperature={self.temperature:g}, last code: {self.last_level}"
@@ -135,9 +145,14 @@ class AtSpeedS(ProjectModel):
         return (f"{self.verification} speculative beam search: K={self.num_beams}, N={n}, gamma={gamma}, "
                 f"draft_start={start}{temperature}")
 
+    def eval_generator(self, device) -> torch.Generator:
+        """The evaluation's sampling generator, seeded at its first batch."""
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device).manual_seed(self.seed)
+        return self.generator
+
     def speculative(self, input_ids, mask):
-        if self.generator is None or self.generator.device != input_ids.device:
-            self.generator = torch.Generator(input_ids.device).manual_seed(self.seed)
+        self.eval_generator(input_ids.device)
         if self.phase == "valid":  # the draft's agreement with the target at every code, whatever the serving tree
             (n, gamma), start, mode = self.valid_tree, 0, "strict"
         else:
@@ -158,18 +173,26 @@ class AtSpeedS(ProjectModel):
             beams, *counts = self.decode_group(ids, m, time_target)
             scores[rows] = beams_to_scores(beams, self.n_items)
             totals = [t + c for t, c in zip(totals, counts)]
-        self.spec_meter.add(len(input_ids), *totals[:4], totals[4] if time_target else None)
+        self.spec_meter.add(len(input_ids), *totals[:4], totals[4] if time_target else None,
+                            speculative=not self.serving_target())
         if self.phase == "test":
+            if time_target and self.spec_meter.timed_batches == self.timed_batches:
+                self.choose_batch_decoder(len(input_ids))
             self.time_single_requests(input_ids, mask)
         return scores
+
+    def serving_target(self) -> bool:
+        """Whether this test batch is decoded by the target's own search (`own_search`)."""
+        return self.phase == "test" and (self.serve_target or self.serve_target_batches)
 
     def decode_group(self, input_ids, mask, time_target: bool):
         """Beams of one group of requests as the phase decodes them, its accepted and drafted levels, target
         calls and seconds, and (if `time_target`) the seconds of the target's own search on it."""
         target = partial(beam_search, self.target.lm, self.target.trie, self.target.vocab, input_ids, mask,
                          self.eval_beams)
-        if self.phase == "test" and self.serve_target:  # the tuning chose the target's own search: nothing drafted
-            beams, seconds = timed(target, input_ids.device)
+        if self.serving_target():  # nothing drafted
+            beams, seconds = timed(partial(self.own_search, input_ids, mask, self.eval_generator(input_ids.device)),
+                                   input_ids.device)
             accepted, drafted, calls = 0.0, 0.0, float(beams.forward_calls * len(input_ids))
         else:
             (beams, stats), seconds = timed(lambda: self.speculative(input_ids, mask), input_ids.device)
@@ -191,12 +214,43 @@ class AtSpeedS(ProjectModel):
         `speedup` (and the tree tuning) compares the speculative search against."""
         return beam_search(self.target.lm, self.target.trie, self.target.vocab, ids, mask, self.num_beams)
 
+    def own_search(self, ids, mask, generator):
+        """The target's own search with the served output, for requests `[B, P]` where it is the faster:
+        beam search (strict) or beam sampling at the served temperature and last level (relaxed, coupled
+        rule: the distribution the speculative search samples from, `speculative.py`); it costs what beam
+        search costs."""
+        lm, trie, vocab = self.target.lm, self.target.trie, self.target.vocab
+        if self.verification == "strict":
+            return beam_search(lm, trie, vocab, ids, mask, self.num_beams)
+        return beam_sample(lm, trie, vocab, ids, mask, self.num_beams, generator, self.temperature, self.last_level)
+
+    def choose_batch_decoder(self, batch_size: int) -> None:
+        """After the test pass's timed batches (decoded both ways): where the target's own search was the faster on
+        them and `fallback` allows, the remaining batches are decoded by it, as LLM servers turn speculation off
+        at batch sizes where it loses; `speedup_batch` stays the timed batches' figure. Each DDP rank decides on
+        its own batches (its output is the same either way)."""
+        meter = self.spec_meter
+        if self.serve_target or not meter.timed_spec_seconds:
+            return
+        ratio = meter.target_seconds / meter.timed_spec_seconds
+        self.serve_target_batches = self.fallback and ratio < 1
+        own = "beam search" if self.verification == "strict" else f"beam sampling at T {self.temperature:g}"
+        head = (f"test batches of {batch_size} requests: the speculative search ran {ratio:.2f}x the speed of the "
+                f"target's own search over the first {meter.timed_batches} (speedup_batch): ")
+        if self.serve_target_batches:
+            logging.getLogger().info(head + f"decoding the other batches by the target's own {own}, the same "
+                                     + ("lists" if self.verification == "strict" else "distribution")
+                                     + " (--serve_target_if_faster=False keeps speculating)")
+        else:
+            logging.getLogger().info(head + "speculating on" + ("" if ratio >= 1 else " (serve_target_if_faster "
+                                     "is off, or the relaxed rule has no target-only twin)"))
+
     def tune_tree(self, input_ids, mask) -> None:
         """Serve the fastest tree of `tree_candidates` and the configured one: each decodes the batch's
         first `tree_tuning_requests` requests alone (batch 1), the trees and the target's own search
         interleaved per request, after one warm-up request; the median time per request decides, and a
-        warning says so when no tree beats the target's search (AtSpeedS with `serve_target_if_faster` then
-        serves that search: the same output). Under DDP rank 0's choice is every rank's."""
+        warning says so when no tree beats the target's search (with `fallback`, the test pass then serves the
+        target's `own_search`). Under DDP rank 0's choice is every rank's."""
         trees = list(dict.fromkeys([self.tree, *self.tree_candidates]))
         entries = [*trees, None]  # None: the target's own search, the time a tree has to beat
         device, times = input_ids.device, {entry: [] for entry in entries}
@@ -219,15 +273,16 @@ class AtSpeedS(ProjectModel):
         self.tree, self.serve_target = Tree(*choice[0]), choice[1]
         self.tree_tuned = True
         log = logging.getLogger()
-        head = "serving the target's own beam search; fastest tree" if self.serve_target else "serving tree"
+        head = "serving the target's own search; fastest tree" if self.serve_target else "serving tree"
         log.info(f"{head}: {self.tree.name}, the fastest of "
                  + ", ".join(f"{tree.name}: {t:.1f} ms" for tree, t in ms.items())
                  + f" (the target's own search: {target_ms:.1f} ms; median over {max(rows - 1, 1)} test requests"
                  " decoded alone)")
         if ms[best] >= target_ms:
-            then = ("serving the target's own beam search instead (strict verification returns its output "
-                    "anyway; --serve_target_if_faster=False serves the tree)" if self.serve_target
-                    else "expect a speedup below 1x")
+            own = ("beam search instead (strict verification returns its lists anyway" if self.verification == "strict"
+                   else f"beam sampling at T {self.temperature:g} instead (the coupled rule's output distribution")
+            then = (f"serving the target's own {own}; --serve_target_if_faster=False serves the tree)"
+                    if self.serve_target else "expect a speedup below 1x")
             log.warning(
                 f"no candidate tree is faster than the target's own beam search at K={self.num_beams} on this "
                 f"machine ({ms[best]:.1f} vs {target_ms:.1f} ms a request decoded alone): {then}. Speculative "
@@ -248,7 +303,7 @@ class AtSpeedS(ProjectModel):
                 return
             ids, m = trim_left(input_ids[row:row + 1], mask[row:row + 1])
             target = (lambda: self.target_alone(ids, m))
-            spec = (partial(self.target_alone, ids, m) if self.serve_target  # as the test pass serves it
+            spec = (partial(self.own_search, ids, m, generator) if self.serve_target  # as the test pass serves it
                     else partial(self.serve_alone, ids, m, self.tree, generator))
             if done == 0 and not meter.warmed_up:
                 target(), spec()

@@ -27,10 +27,11 @@ class SpecMeter:
 
     def reset(self) -> None:
         self.requests = 0
+        self.spec_requests = 0  # of them, those decoded speculatively (not by the target's own search)
         self.accepted_steps = 0.0  # drafted levels accepted, summed over requests
         self.drafted_levels = 0.0
         self.target_calls = 0.0  # target forward passes, summed over requests
-        self.spec_seconds = 0.0  # speculative decoding, all batches
+        self.spec_seconds = 0.0  # decoding as served, all batches
         self.timed_batches = 0  # batches also decoded by the target alone, for the speedup
         self.timed_spec_seconds = 0.0  # speculative decoding of those batches
         self.target_seconds = 0.0  # our KV-cached target-only beam search of those batches
@@ -38,9 +39,11 @@ class SpecMeter:
         self.single_spec_ms: list[float] = []  # ... and speculatively
 
     def add(self, requests: int, accepted: float, drafted: float, target_calls: float,
-            spec_seconds: float, target_seconds: float | None = None) -> None:
-        """One batch; `target_seconds` when the same batch was also decoded target-only."""
+            spec_seconds: float, target_seconds: float | None = None, speculative: bool = True) -> None:
+        """One batch, as served (`speculative`, or by the target's own search); `target_seconds` when the
+        same batch was also decoded by the target's own beam search."""
         self.requests += requests
+        self.spec_requests += requests if speculative else 0
         self.accepted_steps += accepted
         self.drafted_levels += drafted
         self.target_calls += target_calls
@@ -65,7 +68,7 @@ class SpecMeter:
         return {
             **single,
             "speedup_batch": self.target_seconds / self.timed_spec_seconds if self.timed_spec_seconds else 0.0,
-            "accepted_steps": self.accepted_steps / n,
+            "accepted_steps": self.accepted_steps / max(self.spec_requests, 1),
             "target_calls": self.target_calls / n,
             "acceptance_rate": self.accepted_steps / self.drafted_levels if self.drafted_levels else 0.0,
             "latency_ms": 1000 * self.spec_seconds / n,
@@ -104,10 +107,11 @@ SPEC_METRICS = {
                                          True),
     "speedup_batch": _spec_metric("speedup_batch", "target-only / speculative time on whole evaluation batches",
                                   False),
-    "accepted_steps": _spec_metric("accepted_steps", "drafted levels accepted per request", False),
+    "accepted_steps": _spec_metric("accepted_steps", "drafted levels accepted per request decoded speculatively",
+                                   False),
     "target_calls": _spec_metric("target_calls", "target forward passes per request", True),
     "acceptance_rate": _spec_metric("acceptance_rate", "accepted / drafted levels", False),
-    "latency_ms": _spec_metric("latency_ms", "speculative decoding time per request in evaluation batches (ms)",
+    "latency_ms": _spec_metric("latency_ms", "decoding time per request in evaluation batches, as served (ms)",
                                  True),
 }
 
