@@ -224,6 +224,10 @@ class AtSpeedS(ProjectModel):
             return beam_search(lm, trie, vocab, ids, mask, self.num_beams)
         return beam_sample(lm, trie, vocab, ids, mask, self.num_beams, generator, self.temperature, self.last_level)
 
+    def own_search_name(self) -> str:
+        """`own_search` in words, for the logs."""
+        return "beam search" if self.verification == "strict" else f"beam sampling at T {self.temperature:g}"
+
     def choose_batch_decoder(self, batch_size: int) -> None:
         """After the test pass's timed batches (decoded both ways): where the target's own search was the faster on
         them and `fallback` allows, the remaining batches are decoded by it, as LLM servers turn speculation off
@@ -234,11 +238,11 @@ class AtSpeedS(ProjectModel):
             return
         ratio = meter.target_seconds / meter.timed_spec_seconds
         self.serve_target_batches = self.fallback and ratio < 1
-        own = "beam search" if self.verification == "strict" else f"beam sampling at T {self.temperature:g}"
         head = (f"test batches of {batch_size} requests: the speculative search ran {ratio:.2f}x the speed of the "
                 f"target's own search over the first {meter.timed_batches} (speedup_batch): ")
         if self.serve_target_batches:
-            logging.getLogger().info(head + f"decoding the other batches by the target's own {own}, the same "
+            logging.getLogger().info(head + f"decoding the other batches by the target's own "
+                                     f"{self.own_search_name()}, the same "
                                      + ("lists" if self.verification == "strict" else "distribution")
                                      + " (--serve_target_if_faster=False keeps speculating)")
         else:
@@ -279,9 +283,10 @@ class AtSpeedS(ProjectModel):
                  + f" (the target's own search: {target_ms:.1f} ms; median over {max(rows - 1, 1)} test requests"
                  " decoded alone)")
         if ms[best] >= target_ms:
-            own = ("beam search instead (strict verification returns its lists anyway" if self.verification == "strict"
-                   else f"beam sampling at T {self.temperature:g} instead (the coupled rule's output distribution")
-            then = (f"serving the target's own {own}; --serve_target_if_faster=False serves the tree)"
+            why = ("strict verification returns its lists anyway" if self.verification == "strict"
+                   else "the coupled rule's output distribution")
+            then = (f"serving the target's own {self.own_search_name()} instead ({why}; "
+                    "--serve_target_if_faster=False serves the tree)"
                     if self.serve_target else "expect a speedup below 1x")
             log.warning(
                 f"no candidate tree is faster than the target's own beam search at K={self.num_beams} on this "
