@@ -188,6 +188,21 @@ def check_numbers(config) -> None:
 # ----------------------------------------------------------------------------- choices
 
 
+def check_draft_start(levels: int, draft_start: int, candidates) -> None:
+    """A tree must draft a code before the last one: the target never feeds an ID's last code (its scores come
+    from the pass that feeds the code before), so a tree of last codes only would save no target call."""
+    latest = levels - 2  # the last code a tree can usefully start from
+    if draft_start > latest:
+        raise ConfigError(f"draft_start={draft_start} with sid_levels={levels}: the draft would propose no code before "
+                          f"the last one, which the target never feeds, so speculation would save no target call; "
+                          f"fix: --draft_start={latest} or lower")
+    late = [tuple(tree) for tree in candidates if tree.start > latest]
+    if late:
+        raise ConfigError(f"tree_candidates {late} with sid_levels={levels}: a tree drafting from code {latest + 1} "
+                          f"or later proposes only the last code, which saves no target call; fix: give them a "
+                          f"draft_start of {latest} or lower, or drop them")
+
+
 def check_choices(config) -> None:
     """Semantic-ID options, beam widths and named choices of this project's models."""
     cls = _model_class(config)
@@ -219,7 +234,8 @@ def check_choices(config) -> None:
                               f"must propose at least the K target beams; fix: --draft_beams={num_beams}")
         from atspeed_rec.recbole_glue.atspeed import parse_trees
 
-        parse_trees(config["tree_candidates"], num_beams)  # each tree servable at K, or its own message
+        trees = parse_trees(config["tree_candidates"], num_beams, config["draft_start"])  # or its own message
+        check_draft_start(levels, int(config["draft_start"]), trees)
         from atspeed_rec.alignment.losses import ALIGN_LOSSES, DISTILLSPEC_DIVERGENCES
         from atspeed_rec.decoding.sampling import LAST_LEVELS
         from atspeed_rec.decoding.speculative import RELAXED_RULES
