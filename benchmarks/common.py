@@ -77,6 +77,8 @@ def parse(p: argparse.ArgumentParser, argv, models: tuple[str, ...]) -> argparse
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = p.parse_known_args(argv)
     run, overrides = cli.parse_args(rest)
+    if getattr(args, "draft_start", None) is not None:  # decoders.add_options's: not in any checkpoint's key,
+        overrides.setdefault("draft_start", args.draft_start)  # so the config checks it too (against sid_levels)
     if any(a.split("=")[0] in ("--model", "-m") for a in rest) and run.model not in models:
         p.error(f"--model={run.model}: this benchmark runs {' and '.join(models)}")
     if run.result_file or run.nproc != 1:

@@ -53,7 +53,8 @@ def add_options(p, tree: bool = True) -> None:
     p.add_argument("--gamma", type=int, default=None,
                    help="draft levels per round of the decoding (default: the config's); not a property override")
     p.add_argument("--draft_start", type=int, default=None,
-                   help="the first code the draft proposes (default: the config's); not a property override")
+                   help="the first code the draft proposes (default: the config's); also the config's "
+                   "draft_start, which is in no checkpoint's key (with --sid_levels=3 the properties' 2 is refused)")
     p.add_argument("--trees", type=parse_trees, default={},
                    help="a tree per K, K:N:gamma or K:N:gamma:draft_start comma-separated (e.g. "
                    "1:8:3,10:20:1:2,20:40:1); other K use --draft_beams/--gamma/--draft_start or the config's")

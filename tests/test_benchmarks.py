@@ -237,6 +237,11 @@ def test_benchmarks_read_run_recbole_arguments():
         speculative.parse_args(["--epochs", "7"])  # overrides are written --key=value
 
 
+def test_a_benchmarks_draft_start_is_the_configs_too_so_shorter_ids_can_be_benchmarked():
+    args = speculative.parse_args(["--dataset=synth", "--sid_levels=3", "--draft_start=1"])
+    assert args.draft_start == 1 and args.overrides == {"sid_levels": 3, "draft_start": 1}
+
+
 def test_a_missing_checkpoint_names_the_command_that_trains_it(synth_root, in_tmp_dir):
     argv = run_args(synth_root, in_tmp_dir, "--ks=3", "--modes=strict")
     with pytest.raises(SystemExit, match="python run_recbole.py --model=AtSpeedS --dataset=synth"):
