@@ -93,6 +93,21 @@ def test_strict_mode_returns_exactly_what_beam_search_returns(seed, k, extra, ga
     assert_per_code_counts_add_up(stats)
 
 
+@pytest.mark.parametrize("start", [0, 1])
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_strict_mode_on_three_code_ids_returns_exactly_what_beam_search_returns(k, start):
+    vocab = CodeVocab(levels=3, codebook_size=8)  # 3-code IDs: a tree from code 1 drafts only the middle code
+    codes = random_ids(200, 3, 8, seed=7)
+    trie, target, draft = CodeTrie(codes, 8, item_offset=1), random_lm(vocab.size, 7), random_lm(vocab.size, 8, 1)
+    item_codes = torch.cat([torch.full((1, 3), -1), codes])
+    ids, mask = random_prompts(item_codes, vocab, batch=3, max_hist=5, seed=7)
+    for gamma, extra in ((1, 0), (2, 7)):
+        spec, stats = speculative_beam_search(target, draft, trie, vocab, ids, mask, num_beams=k,
+                                              draft_beams=k + extra, gamma=gamma, draft_start=start)
+        assert_same_as_beam_search(spec, beam_search(target, trie, vocab, ids, mask, num_beams=k))
+        assert (stats.accepted_steps + stats.rounds + stats.forced_steps == 3).all()
+
+
 def test_undrafted_pairs_are_dropped_only_when_the_next_top_k_provably_excludes_their_children():
     scores = torch.tensor([[-1.0, -2.0, -5.0]] * 3)  # T_i of K = 3, best first; the third pair was not drafted
     held = torch.tensor([[True, True, False]] * 3)
