@@ -27,10 +27,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @lru_cache(maxsize=None)
-def world(seed):
-    """A catalog of ~300 random IDs, a 2-layer target and a 1-layer draft (both random)."""
-    codes = random_ids(300, 4, 8, seed)
-    target, draft = random_lm(VOCAB.size, seed), random_lm(VOCAB.size, seed + 1000, layers=1)
+def world(seed, levels=4):
+    """A catalog of ~300 random `levels`-code IDs, a 2-layer target and a 1-layer draft (both random)."""
+    codes = random_ids(300, levels, 8, seed)
+    size = CodeVocab(levels=levels, codebook_size=8).size
+    target, draft = random_lm(size, seed), random_lm(size, seed + 1000, layers=1)
     return codes, CodeTrie(codes, 8, item_offset=1), target, draft
 
 
@@ -39,9 +40,9 @@ def level_logits(logits, level):
     return VOCAB.level_logits(logits[..., VOCAB.offset:], level)
 
 
-def prompts(codes, batch, seed):
-    item_codes = torch.cat([torch.full((1, 4), -1), codes])  # row 0 = PAD
-    return random_prompts(item_codes, VOCAB, batch=batch, max_hist=5, seed=seed)
+def prompts(codes, batch, seed, vocab=VOCAB):
+    item_codes = torch.cat([torch.full((1, codes.shape[1]), -1), codes])  # row 0 = PAD
+    return random_prompts(item_codes, vocab, batch=batch, max_hist=5, seed=seed)
 
 
 def assert_same_as_beam_search(spec, ref):
@@ -97,10 +98,8 @@ def test_strict_mode_returns_exactly_what_beam_search_returns(seed, k, extra, ga
 @pytest.mark.parametrize("k", [1, 3, 10])
 def test_strict_mode_on_three_code_ids_returns_exactly_what_beam_search_returns(k, start):
     vocab = CodeVocab(levels=3, codebook_size=8)  # 3-code IDs: a tree from code 1 drafts only the middle code
-    codes = random_ids(200, 3, 8, seed=7)
-    trie, target, draft = CodeTrie(codes, 8, item_offset=1), random_lm(vocab.size, 7), random_lm(vocab.size, 8, 1)
-    item_codes = torch.cat([torch.full((1, 3), -1), codes])
-    ids, mask = random_prompts(item_codes, vocab, batch=3, max_hist=5, seed=7)
+    codes, trie, target, draft = world(7, levels=3)
+    ids, mask = prompts(codes, 3, 7, vocab)
     for gamma, extra in ((1, 0), (2, 7)):
         spec, stats = speculative_beam_search(target, draft, trie, vocab, ids, mask, num_beams=k,
                                               draft_beams=k + extra, gamma=gamma, draft_start=start)
