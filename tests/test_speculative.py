@@ -105,6 +105,7 @@ def test_strict_mode_on_three_code_ids_returns_exactly_what_beam_search_returns(
                                               draft_beams=k + extra, gamma=gamma, draft_start=start)
         assert_same_as_beam_search(spec, beam_search(target, trie, vocab, ids, mask, num_beams=k))
         assert (stats.accepted_steps + stats.rounds + stats.forced_steps == 3).all()
+        assert_per_code_counts_add_up(stats)
 
 
 def test_undrafted_pairs_are_dropped_only_when_the_next_top_k_provably_excludes_their_children():
