@@ -16,6 +16,7 @@ writes docs/target_accuracy.md. A missing checkpoint stops with the command that
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import torch
@@ -26,10 +27,12 @@ from atspeed_rec.recbole_glue import cli
 
 
 def variant(text: str) -> tuple[str, dict]:
-    """`LABEL:key=value,...` -> (label, {key: value}), values read as run_recbole.py reads them."""
+    """`LABEL:key=value,...` -> (label, {key: value}), values read as run_recbole.py reads them
+    (a list value keeps its commas: `lora_targets=['q_proj','v_proj']`)."""
     label, _, rest = text.partition(":")
     overrides = {}
-    for item in filter(None, (kv.strip().lstrip("-") for kv in rest.split(","))):
+    items = re.split(r",(?![^\[]*\])", rest)  # commas inside a [list] value stay in it
+    for item in filter(None, (kv.strip().lstrip("-") for kv in items)):
         key, eq, value = item.partition("=")
         if not eq or key in ("model", "dataset", "config_files", "data_path"):
             raise argparse.ArgumentTypeError(f"{item!r}: a variant is LABEL:key=value,... of property overrides "

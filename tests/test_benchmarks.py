@@ -303,6 +303,8 @@ def test_accuracy_scores_each_trained_recipe_as_the_test_pass_of_run_recbole_sco
 def test_an_accuracy_variant_names_property_overrides_only():
     assert accuracy.variant("lr 3e-3: learning_rate=0.003, epochs=1") == ("lr 3e-3", {"learning_rate": 0.003,
                                                                                       "epochs": 1})
+    assert accuracy.variant("all:lora_targets=['q_proj','v_proj'],epochs=4") == (
+        "all", {"lora_targets": ["q_proj", "v_proj"], "epochs": 4})
     with pytest.raises(SystemExit):
         accuracy.parse_args(["--variant=x:dataset=ml-100k"])
     with pytest.raises(SystemExit):
