@@ -37,6 +37,13 @@ def test_overrides_are_parsed_as_recbole_reads_them():
                          "reproducibility": False, "loss_type": "CE", "data_path": "/x"}
 
 
+def test_a_list_of_words_is_read_as_in_the_property_files():
+    _, overrides = parse_args(["--lora_targets=[q_proj, v_proj]", "--tree_candidates=[[20,1,1],[40,1,1]]",
+                               "--sid_text_fields=['title']", "--note=[unclosed"])
+    assert overrides == {"lora_targets": ["q_proj", "v_proj"], "tree_candidates": [[20, 1, 1], [40, 1, 1]],
+                         "sid_text_fields": ["title"], "note": "[unclosed"}
+
+
 def test_an_unknown_model_is_refused_with_the_list_of_models(synth_root, in_tmp_dir, capsys):
     assert run_cli(synth_root, "--model=SASRek") == 2
     err = capsys.readouterr().err

@@ -7,17 +7,28 @@ import ast
 import json
 import sys
 
+import yaml
+
 from atspeed_rec.errors import AtSpeedError
 
 
 def parse_value(text: str):
-    """A `--key=value` value as RecBole reads it: a Python literal when it is one, else a string."""
+    """A `--key=value` value as RecBole reads it: a Python literal when it is one, a list or mapping written
+    as in the property files (`[q_proj, v_proj]`, unquoted words) when it is one, else a string."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return text
+        pass
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+        if isinstance(value, (list, dict)):
+            return value
+    return text
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
