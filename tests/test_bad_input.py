@@ -297,3 +297,13 @@ def test_every_error_is_a_config_error_of_one_line(synth_root):
         build_config("AtSpeedR", "synth", [str(synth_root / "synth.yaml")],
                      {"data_path": str(synth_root), "sid_levels": 1})
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("model", ["GenRec", "AtSpeedS", "AtSpeedR"])
+def test_amazon_beautys_shipped_properties_pass_every_check_without_a_warning(model, tmp_path, caplog):
+    """The main command's own configuration (3-code IDs, trees drafting from code 1) must not be refused."""
+    make_dataset(tmp_path, "amazon-beauty")
+    with caplog.at_level(logging.WARNING):
+        config = build_config(model, "amazon-beauty", overrides={"data_path": str(tmp_path)})
+    assert config["pretrained_path"] == "smollm2" and config["sid_levels"] == 3
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
