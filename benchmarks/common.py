@@ -138,10 +138,12 @@ def find_checkpoint(args, names: tuple[str, ...]):
         path = checkpoint_path(config, name, get_model_class(name).checkpoint_keys)
         if path.is_file():
             return name, config, path
-    if not args.allow_untrained:
+    untrained = getattr(args, "allow_untrained", None)  # None: the script has no such option (accuracy.py)
+    if not untrained:
         sys.exit(f"error: no trained {' or '.join(names)} checkpoint for this dataset and configuration in "
                  f"{Path(configs[names[0]]['checkpoint_dir']).resolve()}; train one with\n\n    "
-                 f"{run_command(args, names[0])}\n\n(--allow_untrained times random weights instead)")
+                 f"{run_command(args, names[0])}"
+                 + ("" if untrained is None else "\n\n(--allow_untrained times random weights instead)"))
     return names[0], configs[names[0]], None
 
 

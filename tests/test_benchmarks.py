@@ -300,6 +300,15 @@ def test_accuracy_scores_each_trained_recipe_as_the_test_pass_of_run_recbole_sco
     assert [(r["variant"], r["overrides"], r["checkpoint"]) for r in plain] == [("config", "-", rows[1]["checkpoint"])]
 
 
+def test_accuracy_of_an_untrained_variant_stops_with_the_command_that_trains_it(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, "--requests=8", "--variant=never trained:epochs=7")
+    with pytest.raises(SystemExit) as stop:
+        accuracy.main(argv)
+    message = str(stop.value)
+    assert "no trained GenRec checkpoint" in message and "--epochs=7" in message
+    assert "allow_untrained" not in message  # an option accuracy.py does not have
+
+
 def test_an_accuracy_variant_names_property_overrides_only():
     assert accuracy.variant("lr 3e-3: learning_rate=0.003, epochs=1") == ("lr 3e-3", {"learning_rate": 0.003,
                                                                                       "epochs": 1})
