@@ -194,7 +194,7 @@ def test_one_level_semantic_ids_pass_for_genrec(synth_root):
     ("AtSpeedS", "--K_train=0", ["K_train=0", "--K_train=20"]),
     ("AtSpeedS", "--teacher_per_user=-1", ["teacher_per_user=-1", "--teacher_per_user=0"]),
     ("AtSpeedS", "--teacher_users=-1", ["teacher_users=-1", "--teacher_users=0"]),
-    ("GenRec", "--lora_r=0", ["lora_r=0", "--lora_r=8"]),
+    ("GenRec", "--lora_r=-1", ["lora_r=-1", "--lora_r=8"]),
     ("SASRec", "--MAX_ITEM_LIST_LENGTH=0", ["MAX_ITEM_LIST_LENGTH=0", "--MAX_ITEM_LIST_LENGTH=1 or more"]),
     ("SASRec", "--stopping_step=0", ["stopping_step=0", "--stopping_step=1 or more"]),
     ("AtSpeedR", "--speedup_requests=-1", ["speedup_requests=-1", "--speedup_requests=0 or more"]),

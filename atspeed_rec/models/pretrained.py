@@ -9,14 +9,15 @@ rows in the input embedding and the output layer (one shared set when the model 
 embeddings). Logits are computed over the code rows only (`fast_forward.code_logits`): the 49k
 text rows of SmolLM2's output layer are never multiplied, in training or decoding.
 
-Training: peft LoRA on the blocks' linear layers (`lora_targets`) plus the code rows; everything
-else is frozen. A history is given after a short text prompt, `[pads][prefix text][history
+Training: peft LoRA on the blocks' linear layers (`lora_targets`) plus the code rows, everything
+else frozen; or, with `lora_r: 0`, full fine-tuning: every weight but the text vocabulary's rows
+(bf16 weights train through float32 masters, `recbole_glue/optimizer.py`). A history is given after a short text prompt, `[pads][prefix text][history
 codes]` per row, and the next item's codes follow, so training windows (`sequences.py`) and
 inference prompts have one layout.
 
-Checkpoints hold only what training changes (LoRA matrices, code rows) plus GenRec's buffers:
-the frozen pretrained weights are re-read from `pretrained_path` when the model is built, so a
-checkpoint is a few MB instead of the whole backbone.
+Checkpoints hold only what training changes (LoRA matrices, code rows; all the blocks when fully
+fine-tuned) plus GenRec's buffers: the frozen pretrained weights are re-read from `pretrained_path`
+when the model is built, so a LoRA checkpoint is a few MB instead of the whole backbone.
 """
 
 from __future__ import annotations
@@ -259,7 +260,13 @@ def build_pretrained(config, levels: int, codebook_size: int, dtype: torch.dtype
     """The LoRA-wrapped pretrained LM (frozen backbone in `dtype`), its code-token rows and layout,
     and the prompt's text pieces."""
     model, tokenizer = load_pretrained(config["pretrained_path"], dtype)
-    lm = wrap_lora(model, config["lora_r"], config["lora_alpha"], config["lora_dropout"], config["lora_targets"])
+    if int(config["lora_r"]) > 0:
+        lm = wrap_lora(model, config["lora_r"], config["lora_alpha"], config["lora_dropout"], config["lora_targets"])
+    else:  # full fine-tuning: every backbone weight trains but the text vocabulary's rows
+        lm = model.requires_grad_(True)
+        for table in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if table is not None:
+                table.requires_grad_(False)  # [V_text, D]: only the prompt's few text tokens read them
     vocab = add_code_tokens(lm, tokenizer, levels, codebook_size)  # after LoRA: peft freezes what exists
     prompt = TextPrompt(tokenizer, config["prompt_prefix"] or "")
     return PretrainedParts(lm=lm, vocab=vocab, text_prompt=prompt)

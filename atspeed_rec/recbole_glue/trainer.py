@@ -13,6 +13,7 @@ from atspeed_rec.recbole_glue.base import ProjectModel
 from atspeed_rec.recbole_glue.checkpoint import (checkpoint_path, config_key, load_checkpoint, load_training_state, read_sidecar,
                                                  save_checkpoint, save_training_state, write_sidecar)
 from atspeed_rec.recbole_glue.metrics import SpecCollector
+from atspeed_rec.recbole_glue.optimizer import MasterWeightAdamW, has_low_precision
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -33,6 +34,19 @@ class SafeCheckpointTrainer(Trainer):
         self.lr_schedule = config["lr_schedule"] or "constant"
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule={self.lr_schedule!r} is unknown; fix: choose one of {LR_SCHEDULES}")
+
+    def _build_optimizer(self, **kwargs):
+        """RecBole's optimizer; AdamW with float32 master weights (`optimizer.py`) where some trainable
+        weight is bf16 (a fully fine-tuned pretrained LM, `lora_r: 0`)."""
+        params = list(kwargs.pop("params", self.model.parameters()))
+        learner = kwargs.get("learner", self.learner)
+        if has_low_precision(params):
+            if str(learner).lower() != "adamw":
+                raise ConfigError(f"learner={learner} would update bf16 weights in bf16, which rounds most updates "
+                                  "away; fix: --learner=adamw (float32 master weights), or --dtype=float32")
+            return MasterWeightAdamW(params, lr=kwargs.get("learning_rate", self.learning_rate),
+                                     weight_decay=kwargs.get("weight_decay", self.weight_decay))
+        return super()._build_optimizer(params=params, **kwargs)
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         if not self.config["single_spec"] and self.config["local_rank"] != 0:
