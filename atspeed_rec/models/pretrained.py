@@ -11,9 +11,9 @@ text rows of SmolLM2's output layer are never multiplied, in training or decodin
 
 Training: peft LoRA on the blocks' linear layers (`lora_targets`) plus the code rows, everything
 else frozen; or, with `lora_r: 0`, full fine-tuning: every weight but the text vocabulary's rows
-(bf16 weights train through float32 masters, `recbole_glue/optimizer.py`). A history is given after a short text prompt, `[pads][prefix text][history
-codes]` per row, and the next item's codes follow, so training windows (`sequences.py`) and
-inference prompts have one layout.
+(bf16 weights train through float32 masters, `recbole_glue/optimizer.py`). A history is given
+after a short text prompt, `[pads][prefix text][history codes]` per row, and the next item's codes
+follow, so training windows (`sequences.py`) and inference prompts have one layout.
 
 Checkpoints hold only what training changes (LoRA matrices, code rows; all the blocks when fully
 fine-tuned) plus GenRec's buffers: the frozen pretrained weights are re-read from `pretrained_path`
