@@ -387,6 +387,43 @@ def test_a_fully_fine_tuned_bf16_genrec_trains_with_float32_masters_and_reloads(
     assert torch.equal(a.items, b.items) and (a.items > 0).all()
 
 
+def test_the_backbone_trains_at_its_own_rate_beside_the_code_rows_and_a_resumed_run_keeps_both(synth_root, tiny_lm,
+                                                                                                in_tmp_dir):
+    from atspeed_rec.recbole_glue.checkpoint import load_training_state
+    from atspeed_rec.recbole_glue.trainer import SafeCheckpointTrainer
+    rates = {"lora_r": 0, "learning_rate": 0.01, "backbone_learning_rate": 0.001}
+    model, train, _ = lora_genrec(synth_root, tiny_lm, **rates)
+    trainer = SafeCheckpointTrainer(train.config, model)
+    rows, backbone = trainer.optimizer.param_groups
+    assert (rows["lr"], backbone["lr"]) == (0.01, 0.001)
+    assert {id(p) for p in rows["params"]} == {id(p) for n, p in model.named_parameters() if n.endswith("code_rows")}
+    assert len(rows["params"]) + len(backbone["params"]) == len(trainable(model))
+    model.train()
+    trainer.schedule_learning_rate(4)
+    for batch in list(train)[:2]:
+        trainer.optimizer.zero_grad()
+        model.calculate_loss(batch).backward()
+        trainer.optimizer.step()
+    assert 0 < rows["lr"] < 0.01 and backbone["lr"] == pytest.approx(rows["lr"] / 10)  # one cosine schedule
+    trainer.save_resume_state(0)
+    again, _, _ = lora_genrec(synth_root, tiny_lm, **rates)
+    resumed = SafeCheckpointTrainer(train.config, again)
+    assert load_training_state(again, resumed.optimizer, resumed.resume_file)
+    assert [g["base_lr"] for g in resumed.optimizer.param_groups] == [0.01, 0.001]  # where the schedule restarts
+    plain, _, _ = lora_genrec(synth_root, tiny_lm, lora_r=0, learning_rate=0.01)
+    assert len(SafeCheckpointTrainer(train.config, plain).optimizer.param_groups) == 1
+
+
+def test_checkpoint_names_change_with_backbone_learning_rate_only_when_it_is_set(synth_root, tiny_lm, in_tmp_dir):
+    from atspeed_rec.recbole_glue.checkpoint import config_key
+    _, train, _ = lora_genrec(synth_root, tiny_lm, lora_r=0)
+    values = {k: train.config[k] for k in GenRec.checkpoint_keys}
+    older = tuple(k for k in GenRec.checkpoint_keys if k != "backbone_learning_rate")  # before the key existed
+    assert values["backbone_learning_rate"] is None
+    assert config_key(values, GenRec.checkpoint_keys) == config_key(values, older)
+    assert config_key({**values, "backbone_learning_rate": 0.001}, GenRec.checkpoint_keys) != config_key(values, older)
+
+
 def test_full_fine_tuning_of_bf16_weights_refuses_an_optimizer_without_float32_masters(synth_root, tiny_lm,
                                                                                         in_tmp_dir):
     from atspeed_rec.recbole_glue.trainer import SafeCheckpointTrainer

@@ -25,9 +25,13 @@ TRAIN_KEYS = ("epochs", "learning_rate", "weight_decay", "train_batch_size", "st
               "valid_metric", "eval_step", "clip_grad_norm", "lr_schedule", "learner")
 
 
+# Properties hashed only when set: checkpoints trained before they existed keep their names.
+OPTIONAL_KEYS = ("backbone_learning_rate",)
+
+
 def config_key(config, keys) -> str:
-    """sha256 (hex, 16 chars) of the named properties' values."""
-    values = {k: config[k] for k in sorted(set(keys))}
+    """sha256 (hex, 16 chars) of the named properties' values (an `OPTIONAL_KEYS` one only when set)."""
+    values = {k: config[k] for k in sorted(set(keys)) if k not in OPTIONAL_KEYS or config[k] is not None}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

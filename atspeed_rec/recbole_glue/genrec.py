@@ -51,7 +51,7 @@ SID_KEYS = ("sid_source", "sid_levels", "sid_codebook_size", "sid_collab_dim", "
 LM_KEYS = ("n_layers", "hidden_size", "n_heads", "inner_size", "dropout_prob", "window_stride", "item_embedding",
            "num_beams")  # num_beams: the validation's beam width, which picks the kept epoch
 PRETRAINED_KEYS = ("pretrained_path", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "prompt_prefix",
-                   "dtype")
+                   "dtype", "backbone_learning_rate")
 
 
 class GenRec(ProjectModel):
@@ -84,6 +84,7 @@ class GenRec(ProjectModel):
         self.length_buckets = 4  # forward passes per batch, grouped by window length
         self.eval_length_buckets = int(config["eval_length_buckets"])  # decoded groups per evaluation batch
         self.compiled = CompiledBlocks(self.lm, bool(config["train_compile"]))  # training steps only
+        self.backbone_learning_rate = config["backbone_learning_rate"]  # full fine-tuning: the blocks' own rate
         if self.pretrained:  # checkpoints hold LoRA, new-token rows and buffers, not the backbone
             save_trained_part_only(self)
 
@@ -124,6 +125,16 @@ class GenRec(ProjectModel):
         return trim_left(tokens, mask)
 
     # ---- training ------------------------------------------------------------------------
+    def optimizer_groups(self) -> list[dict]:
+        """The trainable weights as optimizer parameter groups: one, or with `backbone_learning_rate` (full
+        fine-tuning) the pretrained weights at that rate beside the code rows, which start from scratch."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.backbone_learning_rate is None:
+            return [{"params": params}]
+        rows = {id(p) for name, p in self.named_parameters() if name.endswith("code_rows")}
+        return [{"params": [p for p in params if id(p) in rows]},
+                {"params": [p for p in params if id(p) not in rows], "lr": float(self.backbone_learning_rate)}]
+
     def calculate_loss(self, interaction):
         """Next-item code cross-entropy over the user's whole training sequence.
 

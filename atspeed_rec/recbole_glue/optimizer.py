@@ -21,9 +21,6 @@ class MasterWeightAdamW(torch.optim.AdamW):
     """`torch.optim.AdamW` (decoupled weight decay, bias-corrected moments) with float32 moments and,
     for low-precision weights, a float32 master weight per parameter."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -68,5 +65,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
 
 def has_low_precision(params) -> bool:
-    """True when some trainable parameter is not float32 (a fully fine-tuned bf16 backbone)."""
-    return any(p.requires_grad and p.dtype != torch.float32 for p in params)
+    """True when some trainable parameter (of `params`: tensors or parameter groups) is not float32 (a fully
+    fine-tuned bf16 backbone)."""
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]  # tensors or groups
+    return any(t.requires_grad and t.dtype != torch.float32 for t in tensors)

@@ -36,17 +36,26 @@ class SafeCheckpointTrainer(Trainer):
             raise ConfigError(f"lr_schedule={self.lr_schedule!r} is unknown; fix: choose one of {LR_SCHEDULES}")
 
     def _build_optimizer(self, **kwargs):
-        """RecBole's optimizer; AdamW with float32 master weights (`optimizer.py`) where some trainable
-        weight is bf16 (a fully fine-tuned pretrained LM, `lora_r: 0`)."""
-        params = list(kwargs.pop("params", self.model.parameters()))
+        """RecBole's optimizer over the model's parameter groups (`optimizer_groups`, where it has them);
+        AdamW with float32 master weights (`optimizer.py`) where some trainable weight is bf16 (a fully
+        fine-tuned pretrained LM, `lora_r: 0`). Each group keeps its configured rate as `base_lr`."""
+        params = kwargs.pop("params", None)
+        if params is None:
+            groups = getattr(self.model, "optimizer_groups", None)
+            params = groups() if groups else self.model.parameters()
+        params = list(params)
         learner = kwargs.get("learner", self.learner)
         if has_low_precision(params):
             if str(learner).lower() != "adamw":
                 raise ConfigError(f"learner={learner} would update bf16 weights in bf16, which rounds most updates "
                                   "away; fix: --learner=adamw (float32 master weights), or --dtype=float32")
-            return MasterWeightAdamW(params, lr=kwargs.get("learning_rate", self.learning_rate),
-                                     weight_decay=kwargs.get("weight_decay", self.weight_decay))
-        return super()._build_optimizer(params=params, **kwargs)
+            optimizer = MasterWeightAdamW(params, lr=kwargs.get("learning_rate", self.learning_rate),
+                                          weight_decay=kwargs.get("weight_decay", self.weight_decay))
+        else:
+            optimizer = super()._build_optimizer(params=params, **kwargs)
+        for group in optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])  # what the schedule starts from (a resumed run too)
+        return optimizer
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         if not self.config["single_spec"] and self.config["local_rank"] != 0:
@@ -109,7 +118,7 @@ class SafeCheckpointTrainer(Trainer):
         state = load_training_state(self.model, self.optimizer, self.resume_file)
         if state:  # an interrupted run: weights and optimizer after its last finished epoch
             for group in self.optimizer.param_groups:
-                group["lr"] = self.learning_rate  # the schedule restarts from the configured rate
+                group["lr"] = group.get("base_lr", self.learning_rate)  # the schedule restarts from the configured rate
             self.start_epoch, self.cur_step = int(state["epoch"]) + 1, int(state["cur_step"])
             self.best_valid_score = float(state["best_valid_score"])
             self.best_valid_result = state["best_valid_result"] or None

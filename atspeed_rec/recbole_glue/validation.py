@@ -103,6 +103,7 @@ class Rule:
     ok: Callable[[float], bool]
     need: str
     fix: str
+    optional: bool = False  # None (~) is allowed: the property is unset
 
 
 def _int(key, least, need, fix=None):
@@ -116,6 +117,8 @@ def _pos(key, need, example):
 RULES = (
     _pos("learning_rate", "the learning rate must be > 0", "0.001"),
     _pos("draft_learning_rate", "the draft's learning rate must be > 0", "0.001"),
+    Rule("backbone_learning_rate", False, lambda v: v > 0, "the backbone's learning rate must be > 0",
+         "set --backbone_learning_rate to a value > 0, e.g. 0.0003, or leave it unset (~)", optional=True),
     _int("train_batch_size", 1, "a training batch needs at least 1 row"),
     _int("eval_batch_size", 1, "an evaluation batch needs at least 1 request"),
     _int("eval_length_buckets", 1, "an evaluation batch is decoded in at least 1 group of requests",
@@ -179,7 +182,7 @@ def check_numbers(config) -> None:
     """Every numeric property the model reads lies in its range."""
     keys = model_keys(config)
     for rule in RULES:
-        if rule.key not in keys or rule.key not in config:
+        if rule.key not in keys or rule.key not in config or (rule.optional and config[rule.key] is None):
             continue
         value = _number(rule, config[rule.key])
         if not rule.ok(value):
@@ -257,6 +260,11 @@ def check_choices(config) -> None:
         if str(config["distillspec_divergence"]) not in DISTILLSPEC_DIVERGENCES:
             raise ConfigError(f"distillspec_divergence={config['distillspec_divergence']!r} is unknown; fix: set "
                               f"--distillspec_divergence to one of {', '.join(DISTILLSPEC_DIVERGENCES)}")
+    if config["backbone_learning_rate"] is not None and (not config["pretrained_path"] or int(config["lora_r"]) > 0):
+        raise ConfigError(f"backbone_learning_rate={config['backbone_learning_rate']} applies to full fine-tuning of a "
+                          f"pretrained LM only (pretrained_path set, lora_r 0); here lora_r={config['lora_r']} and "
+                          f"pretrained_path={config['pretrained_path']!r}, so no backbone weight trains; fix: leave "
+                          "backbone_learning_rate unset, or --lora_r=0 with a pretrained_path")
     if not isinstance(config["train_compile"], bool):
         raise ConfigError(f"train_compile={config['train_compile']!r} is not True or False; fix: "
                           "--train_compile=True (compile the LM's blocks for training) or --train_compile=False")
