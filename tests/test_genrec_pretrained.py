@@ -388,14 +388,16 @@ def test_a_fully_fine_tuned_bf16_genrec_trains_with_float32_masters_and_reloads(
 
 
 def test_the_backbone_trains_at_its_own_rate_beside_the_code_rows_and_a_resumed_run_keeps_both(synth_root, tiny_lm,
-                                                                                                in_tmp_dir):
+                                                                                                in_tmp_dir, caplog):
     from atspeed_rec.recbole_glue.checkpoint import load_training_state
     from atspeed_rec.recbole_glue.trainer import SafeCheckpointTrainer
+    caplog.set_level("INFO")
     rates = {"lora_r": 0, "learning_rate": 0.01, "backbone_learning_rate": 0.001}
     model, train, _ = lora_genrec(synth_root, tiny_lm, **rates)
     trainer = SafeCheckpointTrainer(train.config, model)
     rows, backbone = trainer.optimizer.param_groups
     assert (rows["lr"], backbone["lr"]) == (0.01, 0.001)
+    assert "learning rates: code rows 0.01, backbone 0.001" in caplog.text
     assert {id(p) for p in rows["params"]} == {id(p) for n, p in model.named_parameters() if n.endswith("code_rows")}
     assert len(rows["params"]) + len(backbone["params"]) == len(trainable(model))
     model.train()

@@ -132,8 +132,9 @@ class GenRec(ProjectModel):
         if self.backbone_learning_rate is None:
             return [{"params": params}]
         rows = {id(p) for name, p in self.named_parameters() if name.endswith("code_rows")}
-        return [{"params": [p for p in params if id(p) in rows]},
-                {"params": [p for p in params if id(p) not in rows], "lr": float(self.backbone_learning_rate)}]
+        return [{"params": [p for p in params if id(p) in rows], "name": "code rows"},
+                {"params": [p for p in params if id(p) not in rows], "name": "backbone",
+                 "lr": float(self.backbone_learning_rate)}]
 
     def calculate_loss(self, interaction):
         """Next-item code cross-entropy over the user's whole training sequence.

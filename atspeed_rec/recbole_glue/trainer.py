@@ -55,6 +55,9 @@ class SafeCheckpointTrainer(Trainer):
             optimizer = super()._build_optimizer(params=params, **kwargs)
         for group in optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])  # what the schedule starts from (a resumed run too)
+        if len(optimizer.param_groups) > 1:
+            self.logger.info("learning rates: " + ", ".join(f"{g.get('name', i)} {g['lr']}"
+                                                            for i, g in enumerate(optimizer.param_groups)))
         return optimizer
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
