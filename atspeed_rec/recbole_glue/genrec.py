@@ -128,12 +128,11 @@ class GenRec(ProjectModel):
     def optimizer_groups(self) -> list[dict]:
         """The trainable weights as optimizer parameter groups: one, or with `backbone_learning_rate` (full
         fine-tuning) the pretrained weights at that rate beside the code rows, which start from scratch."""
-        params = [p for p in self.parameters() if p.requires_grad]
+        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
         if self.backbone_learning_rate is None:
-            return [{"params": params}]
-        rows = {id(p) for name, p in self.named_parameters() if name.endswith("code_rows")}
-        return [{"params": [p for p in params if id(p) in rows], "name": "code rows"},
-                {"params": [p for p in params if id(p) not in rows], "name": "backbone",
+            return [{"params": [p for _, p in named]}]
+        return [{"params": [p for name, p in named if name.endswith("code_rows")], "name": "code rows"},
+                {"params": [p for name, p in named if not name.endswith("code_rows")], "name": "backbone",
                  "lr": float(self.backbone_learning_rate)}]
 
     def calculate_loss(self, interaction):
