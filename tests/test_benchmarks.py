@@ -396,15 +396,14 @@ def test_relaxed_inclusion_keeps_k_codes_a_round_on_each_side_and_the_coupled_ru
 def test_early_exit_probe_sees_the_target_itself_in_the_logit_lens_of_its_last_layer(synth_root, in_tmp_dir,
                                                                                     pretrained):
     lm = [f"--pretrained_path={save_tiny_lm(in_tmp_dir / 'lm', tie=False)}", "--dtype=float32"] if pretrained else []
-    layers = TINY["layers"] if pretrained else SMALL["n_layers"]
+    layers, width = (TINY["layers"], TINY["hidden"]) if pretrained else (SMALL["n_layers"], SMALL["hidden_size"])
     argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--train_users=24", "--eval_users=16",
                     f"--layers={layers}", "--pairs=1:1,3:3,3:5", "--steps=5", *lm)
     assert early_exit.main(argv) == 0
     (rows,) = tables(in_tmp_dir / "table.md")
     by = {r["draft"].split(" (")[0]: r for r in rows}
     assert set(by) == {"served draft", f"after {layers} layers: logit lens", f"after {layers} layers: linear",
-                       f"after {layers} layers: MLP 32" if not pretrained else f"after {layers} layers: MLP "
-                       f"{TINY['hidden']}"}
+                       f"after {layers} layers: MLP {width}"}
     lens = by[f"after {layers} layers: logit lens"]  # the last layer's lens is the target's own distribution
     assert [lens[c] for c in ("top-1 in top-1", "top-3 in top-3", "top-3 in top-5")] == ["1.00"] * 3
     assert all(0 <= float(r["top-3 in top-5"]) <= 1 for r in rows)
