@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p = common.parser(__file__, __doc__, requests=None, output="early_exit_probe.md")
     p.add_argument("--train_users", type=int, default=4000, help="users whose states train the heads")
     p.add_argument("--eval_users", type=int, default=1000, help="other users the coverage is measured on")
-    p.add_argument("--layers", type=common.int_list, default=[1, 2, 4, 8], help="exit after m layers")
+    p.add_argument("--layers", type=common.int_list, default=[1, 2, 4, 8], help="exit after m layers (empty: the served draft alone)")
     p.add_argument("--pairs", type=lambda t: [tuple(map(int, x.split(":"))) for x in t.split(",")],
                    default=[(1, 1), (1, 2), (1, 6), (3, 10), (3, 20), (10, 20), (10, 40), (10, 60)],
                    help="K:N pairs: the target's top K 1st codes, all in the draft's top N")
@@ -158,7 +158,8 @@ def probe(args) -> None:
     C, (decoder, _) = vocab.codebook_size, llama_parts(lm)
     n = args.train_users
     rows = code_rows(lm, vocab)[:C]
-    results = {"served draft (1 layer, own prompt pass)": coverage(target_lp[n:], draft_lp[n:], args.pairs)}
+    size = f"{draft.config.num_hidden_layers} x {draft.config.hidden_size}"
+    results = {f"served draft ({size}, own prompt pass)": coverage(target_lp[n:], draft_lp[n:], args.pairs)}
     for m in args.layers:
         for hidden in (0, rows.shape[1]):
             head = ExitHead(decoder.norm.weight, rows, decoder.norm.variance_epsilon, hidden)

@@ -407,3 +407,12 @@ def test_early_exit_probe_sees_the_target_itself_in_the_logit_lens_of_its_last_l
     lens = by[f"after {layers} layers: logit lens"]  # the last layer's lens is the target's own distribution
     assert [lens[c] for c in ("top-1 in top-1", "top-3 in top-3", "top-3 in top-5")] == ["1.00"] * 3
     assert all(0 <= float(r["top-3 in top-5"]) <= 1 for r in rows)
+    assert rows[0]["draft"].startswith(f"served draft (1 x {SMALL['draft_hidden_size']},")
+
+
+def test_early_exit_probe_without_layers_measures_the_served_draft_alone(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--train_users=0", "--eval_users=32", "--layers=",
+                    "--pairs=1:1,3:5", "--draft_n_layers=2")
+    assert early_exit.main(argv) == 0
+    (rows,) = tables(in_tmp_dir / "table.md")
+    assert [r["draft"] for r in rows] == [f"served draft (2 x {SMALL['draft_hidden_size']}, own prompt pass)"]
