@@ -27,7 +27,7 @@ import common
 import decoders
 from atspeed_rec.decoding.beam_search import masked_code_logprobs
 from atspeed_rec.decoding.tree import DraftTree, prompt_positions, tree_forward
-from atspeed_rec.models.fast_forward import causal_prompt_mask, llama_parts
+from atspeed_rec.models.fast_forward import causal_prompt_mask, code_weight, llama_parts
 from atspeed_rec.models.fused import fused_blocks
 from atspeed_rec.models.prefix_cache import split_prefix
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -37,7 +37,8 @@ def parse_args(argv=None):
     p = common.parser(__file__, __doc__, requests=None, output="early_exit_probe.md")
     p.add_argument("--train_users", type=int, default=4000, help="users whose states train the heads")
     p.add_argument("--eval_users", type=int, default=1000, help="other users the coverage is measured on")
-    p.add_argument("--layers", type=common.int_list, default=[1, 2, 4, 8], help="exit after m layers (empty: the served draft alone)")
+    p.add_argument("--layers", type=common.int_list, default=[1, 2, 4, 8],
+                   help="exit after m layers (empty: the served draft alone)")
     p.add_argument("--pairs", type=lambda t: [tuple(map(int, x.split(":"))) for x in t.split(",")],
                    default=[(1, 1), (1, 2), (1, 6), (3, 10), (3, 20), (10, 20), (10, 40), (10, 60)],
                    help="K:N pairs: the target's top K 1st codes, all in the draft's top N")
@@ -51,7 +52,8 @@ def parse_args(argv=None):
 @torch.no_grad()
 def layer_states(lm, ids, mask) -> torch.Tensor:
     """`[B, n_layers + 1, D]` the hidden state at each left-padded prompt's last token: after the
-    embedding and after every block (the lean forward's loop, whole prompts, no cache)."""
+    embedding and after every block. The loop of `fast_forward.lm_forward` (whole prompts, no cache),
+    written out here to keep every state (a shared block function slowed K = 1 requests by ~3%)."""
     decoder, _ = llama_parts(lm)
     fused = fused_blocks(decoder)
     B, Q = ids.shape
@@ -69,11 +71,10 @@ def layer_states(lm, ids, mask) -> torch.Tensor:
         v = v.view(B, Q, -1, attn.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=am, scale=attn.scaling,
-                                           enable_gqa=attn.num_key_value_groups > 1)
-        h = h + (fused[i].o(o.transpose(1, 2).reshape(B, Q, -1)) if fused else
-                 attn.o_proj(o.transpose(1, 2).reshape(B, Q, -1)))
-        h = h + (fused[i].mlp(layer.post_attention_layernorm(h)) if fused else
-                 layer.mlp(layer.post_attention_layernorm(h)))
+                                           enable_gqa=attn.num_key_value_groups > 1).transpose(1, 2).reshape(B, Q, -1)
+        h = h + (fused[i].o(o) if fused else attn.o_proj(o))
+        x = layer.post_attention_layernorm(h)
+        h = h + (fused[i].mlp(x) if fused else layer.mlp(x))
         out.append(h[:, -1].float())
     return torch.stack(out, 1)
 
@@ -135,17 +136,18 @@ def first_code_logprobs(model, vocab, trie, ids, mask):
 
 
 @torch.no_grad()
-def target_states(lm, draft, vocab, trie, requests):
-    """(hidden states `[U, n_layers + 1, D]` at each prompt's last token, the target's and the draft's
-    1st-code log-probs `[U, C]`) of the users of `requests`."""
+def target_states(lm, draft, vocab, trie, requests, with_states: bool = True):
+    """(hidden states `[U, n_layers + 1, D]` at each prompt's last token, or None without `with_states`;
+    the target's and the draft's 1st-code log-probs `[U, C]`) of the users of `requests`."""
     states, target_lp, draft_lp = [], [], []
     for i, r in enumerate(requests):
         print(f"\rstates: batch {i + 1}/{len(requests)}", end="", file=sys.stderr)
-        states.append(layer_states(lm, r.ids, r.mask))  # [B, n_layers + 1, D]
+        if with_states:
+            states.append(layer_states(lm, r.ids, r.mask))  # [B, n_layers + 1, D]
         target_lp.append(first_code_logprobs(lm, vocab, trie, r.ids, r.mask))
         draft_lp.append(first_code_logprobs(draft, vocab, trie, r.ids, r.mask))
     print(file=sys.stderr)
-    return torch.cat(states), torch.cat(target_lp), torch.cat(draft_lp)
+    return torch.cat(states) if states else None, torch.cat(target_lp), torch.cat(draft_lp)
 
 
 def probe(args) -> None:
@@ -154,10 +156,11 @@ def probe(args) -> None:
     t, draft = s.model.target, s.model.draft
     vocab, trie, lm = t.vocab, t.trie, t.lm
     valid = trie.allowed(trie.root_nodes(1), 0)[0]  # [C] codes an ID may start with
-    states, target_lp, draft_lp = target_states(lm, draft, vocab, trie, decoders.requests(args, served, test, 32))
+    states, target_lp, draft_lp = target_states(lm, draft, vocab, trie, decoders.requests(args, served, test, 32),
+                                                bool(args.layers))
     C, (decoder, _) = vocab.codebook_size, llama_parts(lm)
     n = args.train_users
-    rows = code_rows(lm, vocab)[:C]
+    rows = code_weight(lm, vocab)[:C].detach()
     size = f"{draft.config.num_hidden_layers} x {draft.config.hidden_size}"
     results = {f"served draft ({size}, own prompt pass)": coverage(target_lp[n:], draft_lp[n:], args.pairs)}
     for m in args.layers:
@@ -171,8 +174,9 @@ def probe(args) -> None:
             loss = train_head(head, states[:n, m], target_lp[:n], valid, args.steps)
             with torch.no_grad():
                 q = head(states[n:, m]).masked_fill(~valid, float("-inf"))
-            results[f"{name} (train KL {loss:.2f})"] = coverage(target_lp[n:], q, args.pairs)
-            print(f"{name}: {results[f'{name} (train KL {loss:.2f})']}", file=sys.stderr)
+            key = f"{name} (train KL {loss:.2f})"
+            results[key] = coverage(target_lp[n:], q, args.pairs)
+            print(f"{key}: {results[key]}", file=sys.stderr)
     keys = args.pairs
     cols = ["draft"] + [f"top-{k} in top-{w}" for k, w in keys]
     lines = decoders.header(args, "Early-exit probe: the target's top-K 1st codes in a draft's top N", served,
@@ -180,13 +184,6 @@ def probe(args) -> None:
                              f"{len(decoder.layers)} target layers"])
     lines += common.table(cols, [[name] + [f"{r[key]:.2f}" for key in keys] for name, r in results.items()])
     common.write(lines, args.output)
-
-
-def code_rows(lm, vocab):
-    """`[L * C, D]` the target's output rows of the code tokens."""
-    _, head = llama_parts(lm)
-    weight = getattr(head, "code_weight", None)
-    return (head.weight[vocab.offset:vocab.size] if weight is None else weight).detach()
 
 
 def main(argv=None) -> int:

@@ -33,14 +33,18 @@ def lm_dtype(model) -> torch.dtype:
     return llama_parts(model)[0].norm.weight.dtype
 
 
+def code_weight(model, vocab: CodeVocab) -> torch.Tensor:
+    """`[L * C, D]` the output rows of the code tokens (row j = token `vocab.offset + j`)."""
+    _, head = llama_parts(model)
+    weight = getattr(head, "code_weight", None)  # a pretrained LM's own code rows (`pretrained.py`)
+    return head.weight[vocab.offset:vocab.size] if weight is None else weight
+
+
 def code_logits(model, vocab: CodeVocab, hidden: torch.Tensor) -> torch.Tensor:
     """`[..., L * C]` logits of the code tokens only (column j = token `vocab.offset + j`) from the
     final hidden states: a pretrained LM's text vocabulary (49k rows for SmolLM2) is never computed."""
-    _, head = llama_parts(model)
-    weight = getattr(head, "code_weight", None)  # a pretrained LM's own code rows (`pretrained.py`)
-    if weight is None:
-        weight = head.weight[vocab.offset:vocab.size]
-    return F.linear(hidden.float(), weight.float())  # [..., L*C] in float32: bf16 rounding would blur close codes
+    # [..., L*C] in float32: bf16 rounding would blur close codes
+    return F.linear(hidden.float(), code_weight(model, vocab).float())
 
 
 def hidden_code_logits(model, vocab: CodeVocab, keep=None, **inputs) -> torch.Tensor:
