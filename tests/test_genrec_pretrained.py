@@ -328,19 +328,30 @@ def test_smollm2_takes_a_lora_step_and_recommends_valid_items(synth_root, in_tmp
     print(f"SmolLM2 test: {time.time() - start:.1f} s")
 
 
-def test_a_bf16_backbone_trains_float32_adapters_and_recommends_valid_items(synth_root, tiny_lm, in_tmp_dir):
+def test_a_bf16_backbone_trains_bf16_adapters_through_float32_masters_and_recommends_valid_items(synth_root, tiny_lm,
+                                                                                                in_tmp_dir):
+    from atspeed_rec.recbole_glue.optimizer import MasterWeightAdamW
+    from atspeed_rec.recbole_glue.trainer import SafeCheckpointTrainer
     model, train, test = lora_genrec(synth_root, tiny_lm, dtype="bfloat16")
     frozen = [p for p in model.lm.parameters() if not p.requires_grad]
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
-    assert all(p.dtype == torch.float32 for p in trainable(model).values())  # master weights for AdamW
+    params = trainable(model)
+    adapters = {n: p for n, p in params.items() if "lora_" in n}
+    assert adapters and all(p.dtype == torch.bfloat16 for p in adapters.values())  # no float32 casts in each layer
+    assert all(p.dtype == torch.float32 for n, p in params.items() if n not in adapters)  # the code rows
+    trainer = SafeCheckpointTrainer(train.config, model)
+    assert isinstance(trainer.optimizer, MasterWeightAdamW)
     rows = model.lm.get_input_embeddings().code_rows
     before = rows.detach().clone()
     model.train()
-    opt = torch.optim.AdamW(list(trainable(model).values()), lr=1e-2)
+    trainer.optimizer.zero_grad()
     loss = model.calculate_loss(next(iter(train)))
     loss.backward()
-    opt.step()
+    trainer.optimizer.step()
     assert torch.isfinite(loss) and not torch.equal(rows.detach(), before)
+    lora_b = next(p for n, p in adapters.items() if "lora_B" in n)  # zero at the start: moved by the step
+    master = trainer.optimizer.state[lora_b]["master"]
+    assert master.dtype == torch.float32 and master.abs().sum() > 0 and torch.equal(master.bfloat16(), lora_b.detach())
     model.eval()
     with torch.no_grad():
         beams = model.generate(next(iter(test))[0][:4], num_beams=10)

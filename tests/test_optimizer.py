@@ -68,6 +68,19 @@ def test_a_resumed_optimizer_goes_on_from_its_float32_masters_and_moments():
         assert torch.equal(opt_a.state[p]["master"], opt_b.state[q]["master"])
 
 
+def test_a_state_saved_by_float32_adamw_resumes_on_bf16_weights_with_masters_from_them():
+    f32 = weights(torch.float32)  # a run begun with float32 weights (adapters before they took the backbone's dtype)
+    opt_f32 = torch.optim.AdamW(f32, lr=1e-4, weight_decay=0.0)
+    steps(f32, opt_f32, 3)
+    b = [torch.nn.Parameter(p.detach().bfloat16()) for p in f32]
+    opt_b = MasterWeightAdamW(b, lr=1e-4, weight_decay=0.0)
+    opt_b.load_state_dict(copy.deepcopy(opt_f32.state_dict()))
+    start = b[0].detach().clone()
+    steps(b, opt_b, 300, start=3, drift=2.0)
+    assert opt_b.state[b[0]]["master"].dtype == torch.float32
+    assert not torch.equal(b[0], start)  # updates of ~1e-4 on weights near 2 land through the master
+
+
 @pytest.mark.parametrize("dtype, low", [(torch.float32, False), (torch.bfloat16, True)])
 def test_low_precision_is_found_among_trainable_weights_only(dtype, low):
     frozen = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16), requires_grad=False)

@@ -29,7 +29,7 @@ def llama_parts(model):
 
 
 def lm_dtype(model) -> torch.dtype:
-    """The dtype activations run in (the backbone's; trainable adapters may be float32)."""
+    """The dtype activations run in (the backbone's)."""
     return llama_parts(model)[0].norm.weight.dtype
 
 

@@ -1,8 +1,8 @@
 """Inference weights for the lean forward: LoRA merged, projections concatenated, prepacked on CPU.
 
 A decoding pass of a Llama block through its modules makes 11 matmul calls when q and v carry LoRA
-adapters (q, k, v, o, gate, up, down, and an A and a B per adapter), each adapter casting its input
-to float32 and back. At batch 1 most of those calls are a few rows, so the call, not the
+adapters (q, k, v, o, gate, up, down, and an A and a B per adapter), and each adapter adds its product
+to the base layer's. At batch 1 most of those calls are a few rows, so the call, not the
 arithmetic, is what costs. Here each block's projections become 4 matmuls on weights built once:
 
     W_qkv = [W_q + s_q B_q A_q ; W_k ; W_v + s_v B_v A_v]    (LoRA merged in float32, then the dtype)
@@ -14,8 +14,8 @@ EPYC, 2 cores, batch 1, 100 test users) the target-only beam search ran 1.60x (K
 (K = 10) faster than through the modules, strict speculative decoding 1.50x and 1.58x
 (`benchmarks/fused.py`, docs/benchmarks.md).
 
-Merging rounds W + s B A to the backbone's dtype once, where the modules add the float32 adapter
-output to a bf16 product: logits move by bf16 noise (on that target no farther from a float32 forward
+Merging rounds W + s B A to the backbone's dtype once, where the modules add the adapters' own bf16
+product to the base layer's: logits move by bf16 noise (on that target no farther from a float32 forward
 than the modules' are), and near-tied beams may swap, as they do between batch sizes. Target-only
 and speculative decoding both run this forward, so strict speculative output stays identical to the
 target's beam search. Training never uses it (`lm_forward` is inference only): the weights are

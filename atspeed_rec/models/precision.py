@@ -4,7 +4,7 @@ Property `dtype`: `auto` (default), `float32` or `bfloat16`. `auto` picks bfloat
 LLM target (`pretrained_path`) on a CUDA GPU with bf16 or a CPU with AMX-BF16 / AVX512-BF16
 (measured on such a CPU: 1.45x faster decoding than float32 at SmolLM2-135M's size), and float32
 for the small from-scratch models, whose passes are per-call overhead that bf16 does not shorten.
-Trainable tensors (LoRA adapters, code-token rows) stay float32 under a bfloat16 backbone.
+LoRA adapters take the backbone's dtype and train through float32 master copies; code-token rows stay float32.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """AdamW for bfloat16 weights: the update runs on a float32 master copy, the weight gets it rounded.
 
-Fully fine-tuning a pretrained LM whose weights are bfloat16 (`lora_r: 0` on AMX CPUs and CUDA): an
+Training a pretrained LM whose weights are bfloat16 (on AMX / AVX512-BF16 CPUs and CUDA), its LoRA adapters
+(which take the backbone's dtype) or every weight (`lora_r: 0`): an
 update of lr * m / sqrt(v) ~ 1e-4 * |w| is below bf16's resolution (8 bits of mantissa: steps of
 |w| / 128), so plain AdamW on bf16 weights rounds most updates away. Here each bf16 weight keeps a
 float32 master in the optimizer's state (`master`, beside AdamW's moments, all float32): the step
 updates the master, then copies it into the weight. The forward and backward stay in bf16, the
-weights' own dtype, as LoRA training runs its frozen bf16 backbone. Float32 weights are updated in
+weights' own dtype. Float32 weights are updated in
 place exactly as `torch.optim.AdamW` updates them (a test). The masters are in `state_dict`, so a
 resumed run goes on from them, not from their rounded copies.
 """
@@ -37,8 +38,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                    if p.dtype != torch.float32:
-                        state["master"] = p.detach().float()
+                if p.dtype != torch.float32 and "master" not in state:  # also a state resumed from float32 weights
+                    state["master"] = p.detach().float()
                 w = state.get("master", p)  # the float32 weight the update runs on
                 g = p.grad.float()
                 state["step"] += 1
@@ -65,7 +66,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
 
 def has_low_precision(params) -> bool:
-    """True when some trainable parameter (of `params`: tensors or parameter groups) is not float32 (a fully
-    fine-tuned bf16 backbone)."""
+    """True when some trainable parameter (of `params`: tensors or parameter groups) is not float32 (the LoRA
+    adapters of a bf16 backbone, or the backbone itself fully fine-tuned)."""
     tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]  # tensors or groups
     return any(t.requires_grad and t.dtype != torch.float32 for t in tensors)

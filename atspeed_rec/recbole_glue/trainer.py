@@ -37,8 +37,9 @@ class SafeCheckpointTrainer(Trainer):
 
     def _build_optimizer(self, **kwargs):
         """RecBole's optimizer over the model's parameter groups (`optimizer_groups`, where it has them);
-        AdamW with float32 master weights (`optimizer.py`) where some trainable weight is bf16 (a fully
-        fine-tuned pretrained LM, `lora_r: 0`). Each group keeps its configured rate as `base_lr`."""
+        AdamW with float32 master weights (`optimizer.py`) where some trainable weight is bf16 (the
+        LoRA adapters of a bf16 pretrained LM, or all its weights with `lora_r: 0`). Each group keeps its
+        configured rate as `base_lr`."""
         params = kwargs.pop("params", None)
         if params is None:
             groups = getattr(self.model, "optimizer_groups", None)
