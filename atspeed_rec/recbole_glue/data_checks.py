@@ -254,14 +254,14 @@ def _check_semantic_id_capacity(config, dataset, name: str, n_items: int) -> Non
                           f"{size ** levels} distinct semantic IDs, fewer than the {n_items} items of {name}: items "
                           f"cannot get unique IDs; fix: set --sid_codebook_size=256 (the default) or another value "
                           f"well above {min_size} (k-means does not fill the codes evenly), or more --sid_levels")
-    if str(config["sid_source"]) == "text":
+    if str(config["sid_source"]) in ("text", "text+collaborative"):
         from atspeed_rec.semantic_ids import embeddings as emb
 
         fields = config["sid_text_fields"]
         if not emb.text_fields(dataset, fields):
             wanted = ", ".join(fields if isinstance(fields, (list, tuple)) else [fields] if fields else
                                emb.DEFAULT_TEXT_FIELDS)
-            raise ConfigError(f"sid_source=text, but {name} has none of the item text fields ({wanted}) loaded; fix: "
+            raise ConfigError(f"sid_source={config['sid_source']}, but {name} has none of the item text fields ({wanted}) loaded; fix: "
                               f"--sid_source=collaborative (or auto), or give {name}.item a text column loaded by "
                               "load_col and named by --sid_text_fields")
 

