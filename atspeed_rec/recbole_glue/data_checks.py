@@ -261,7 +261,8 @@ def _check_semantic_id_capacity(config, dataset, name: str, n_items: int) -> Non
         if not emb.text_fields(dataset, fields):
             wanted = ", ".join(fields if isinstance(fields, (list, tuple)) else [fields] if fields else
                                emb.DEFAULT_TEXT_FIELDS)
-            raise ConfigError(f"sid_source={config['sid_source']}, but {name} has none of the item text fields ({wanted}) loaded; fix: "
+            raise ConfigError(f"sid_source={config['sid_source']}, but {name} has none of the item text fields "
+                              f"({wanted}) loaded; fix: "
                               f"--sid_source=collaborative (or auto), or give {name}.item a text column loaded by "
                               "load_col and named by --sid_text_fields")
 
