@@ -254,7 +254,9 @@ def _check_semantic_id_capacity(config, dataset, name: str, n_items: int) -> Non
                           f"{size ** levels} distinct semantic IDs, fewer than the {n_items} items of {name}: items "
                           f"cannot get unique IDs; fix: set --sid_codebook_size=256 (the default) or another value "
                           f"well above {min_size} (k-means does not fill the codes evenly), or more --sid_levels")
-    if str(config["sid_source"]) in ("text", "text+collaborative"):
+    from atspeed_rec.semantic_ids.builder import TEXT_SOURCES
+
+    if str(config["sid_source"]) in TEXT_SOURCES:
         from atspeed_rec.semantic_ids import embeddings as emb
 
         fields = config["sid_text_fields"]
