@@ -7,8 +7,9 @@ and scores them with RecBole's evaluator, as the test pass scores them. Each `--
 LABEL:key=value,key=value` is a trained checkpoint: run_recbole.py's arguments plus those
 overrides (none: the arguments alone); every variant decodes the same users. A second table gives
 each metric's 95% confidence interval over those users and each variant's difference from the first,
-paired user by user: on ~3,000 users a single NDCG@10 is uncertain by ~±0.005 (±15%), far more than
-the differences between recipes, while a paired difference is much tighter.
+paired user by user: on ~3,000 amazon-beauty users an NDCG@10 is uncertain by about ±0.005 (±15%), and
+a paired difference hardly less (two targets hit mostly different users), so recipes that differ by
+a few percent cannot be told apart on such a sample.
 
     python benchmarks/accuracy.py --dataset=amazon-beauty --data_path=DIR \
         --variant="lr 1e-3:epochs=1,learning_rate=0.001" --variant="lr 3e-3:epochs=1,learning_rate=0.003"
