@@ -82,8 +82,10 @@ def parse(p: argparse.ArgumentParser, argv, models: tuple[str, ...]) -> argparse
     run, overrides = cli.parse_args(rest)
     if getattr(args, "draft_start", None) is not None:  # decoders.add_options's: not in any checkpoint's key,
         overrides.setdefault("draft_start", args.draft_start)  # so the config checks it too (against sid_levels)
-    if any(a.split("=")[0] in ("--model", "-m") for a in rest) and run.model not in models:
+    given = any(a.split("=")[0] in ("--model", "-m") for a in rest)
+    if given and run.model not in models:
         p.error(f"--model={run.model}: this benchmark runs {' and '.join(models)}")
+    args.model = run.model if given else None
     if run.result_file or run.nproc != 1:
         p.error("--result_file and --nproc are run_recbole.py's: a benchmark writes --output, in one process")
     if "default_plot" in args and args.plot is None:  # beside a custom --output, never over docs' own plot

@@ -9,7 +9,8 @@ trains two exit heads per m (RMSNorm + linear, started from the target's final n
 the "logit lens"; and the same after a residual MLP) on the target's own 1st-code distribution (KL)
 of the first `--train_users`, and reports, on the other `--eval_users`, the share of users whose
 target top-K 1st codes all lie in the head's top N, beside the untrained logit lens and the served
-1-layer draft. Findings: docs/experiments.md, "An early-exit draft from the target's first layers".
+1-layer draft (AtSpeedS's; `--model=AtSpeedR` measures AtSpeedR's). Findings: docs/experiments.md, "An
+early-exit draft from the target's first layers".
 
     python benchmarks/early_exit.py --dataset=amazon-beauty --data_path=DIR
 
@@ -43,8 +44,9 @@ def parse_args(argv=None):
                    default=[(1, 1), (1, 2), (1, 6), (3, 10), (3, 20), (10, 20), (10, 40), (10, 60)],
                    help="K:N pairs: the target's top K 1st codes, all in the draft's top N")
     p.add_argument("--steps", type=int, default=400, help="full-batch AdamW steps per head")
-    args = common.parse(p, argv, ("AtSpeedS",))
-    args.modes, args.requests, args.temperature = ["strict"], args.train_users + args.eval_users, None
+    args = common.parse(p, argv, ("AtSpeedS", "AtSpeedR"))  # whose draft is measured: AtSpeedS's unless --model
+    mode = "relaxed" if args.model == "AtSpeedR" else "strict"
+    args.modes, args.requests, args.temperature = [mode], args.train_users + args.eval_users, None
     args.warmup = 0  # nothing is timed
     return args
 
@@ -152,7 +154,7 @@ def target_states(lm, draft, vocab, trie, requests, with_states: bool = True):
 
 def probe(args) -> None:
     served, test = decoders.load(args)
-    s = served["strict"]
+    s = served[args.modes[0]]
     t, draft = s.model.target, s.model.draft
     vocab, trie, lm = t.vocab, t.trie, t.lm
     valid = trie.allowed(trie.root_nodes(1), 0)[0]  # [C] codes an ID may start with

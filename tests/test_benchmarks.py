@@ -430,3 +430,11 @@ def test_early_exit_probe_without_layers_measures_the_served_draft_alone(synth_r
     assert early_exit.main(argv) == 0
     (rows,) = tables(in_tmp_dir / "table.md")
     assert [r["draft"] for r in rows] == [f"served draft (2 x {SMALL['draft_hidden_size']}, own prompt pass)"]
+
+
+def test_early_exit_probe_measures_atspeedr_draft_when_asked(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--train_users=0", "--eval_users=16", "--layers=",
+                    "--pairs=1:1", "--model=AtSpeedR")
+    assert early_exit.main(argv) == 0
+    text = (in_tmp_dir / "table.md").read_text()
+    assert "weights, relaxed:" in text and "weights, strict:" not in text
