@@ -44,8 +44,8 @@ def parse_args(argv=None):
                    default=[(1, 1), (1, 2), (1, 6), (3, 10), (3, 20), (10, 20), (10, 40), (10, 60)],
                    help="K:N pairs: the target's top K 1st codes, all in the draft's top N")
     p.add_argument("--steps", type=int, default=400, help="full-batch AdamW steps per head")
-    args = common.parse(p, argv, ("AtSpeedS", "AtSpeedR"))  # whose draft is measured: AtSpeedS's unless --model
-    mode = "relaxed" if args.model == "AtSpeedR" else "strict"
+    args = common.parse(p, argv, tuple(decoders.MODEL_OF_MODE.values()))  # whose draft: AtSpeedS's unless --model
+    mode = next((m for m, name in decoders.MODEL_OF_MODE.items() if name == args.model), "strict")
     args.modes, args.requests, args.temperature = [mode], args.train_users + args.eval_users, None
     args.warmup = 0  # nothing is timed
     return args
