@@ -9,8 +9,11 @@ trains two exit heads per m (RMSNorm + linear, started from the target's final n
 the "logit lens"; and the same after a residual MLP) on the target's own 1st-code distribution (KL)
 of the first `--train_users`, and reports, on the other `--eval_users`, the share of users whose
 target top-K 1st codes all lie in the head's top N, beside the untrained logit lens and the served
-1-layer draft (AtSpeedS's; `--model=AtSpeedR` measures AtSpeedR's). Findings: docs/experiments.md, "An
-early-exit draft from the target's first layers".
+1-layer draft (AtSpeedS's; `--model=AtSpeedR` measures AtSpeedR's). `--block_layers` adds a draft block
+over the target's states after m layers at every prompt token (EAGLE / PAD-Rec style: a down-projection,
+one transformer block of the draft's width, the 1st code read at the last token), trained the same way
+(m = 0: the target's token embeddings, the control). Findings: docs/experiments.md, "An early-exit draft
+from the target's first layers".
 
     python benchmarks/early_exit.py --dataset=amazon-beauty --data_path=DIR
 
@@ -44,6 +47,10 @@ def parse_args(argv=None):
                    default=[(1, 1), (1, 2), (1, 6), (3, 10), (3, 20), (10, 20), (10, 40), (10, 60)],
                    help="K:N pairs: the target's top K 1st codes, all in the draft's top N")
     p.add_argument("--steps", type=int, default=400, help="full-batch AdamW steps per head")
+    p.add_argument("--block_layers", type=common.int_list, default=[],
+                   help="draft blocks over the target's states after m layers at every prompt token (0: embeddings)")
+    p.add_argument("--block_width", type=int, default=256, help="the draft block's width (the served draft's)")
+    p.add_argument("--block_epochs", type=int, default=20, help="AdamW epochs of 32-user batches per draft block")
     args = common.parse(p, argv, tuple(decoders.MODEL_OF_MODE.values()))  # whose draft: AtSpeedS's unless --model
     mode = next((m for m, name in decoders.MODEL_OF_MODE.items() if name == args.model), "strict")
     args.modes, args.requests, args.temperature = [mode], args.train_users + args.eval_users, None
@@ -52,18 +59,19 @@ def parse_args(argv=None):
 
 
 @torch.no_grad()
-def layer_states(lm, ids, mask) -> torch.Tensor:
-    """`[B, n_layers + 1, D]` the hidden state at each left-padded prompt's last token: after the
-    embedding and after every block. The loop of `fast_forward.lm_forward` (whole prompts, no cache),
-    written out here to keep every state (a shared block function slowed K = 1 requests by ~3%)."""
+def layer_states(lm, ids, mask, upto: int, keep=()) -> tuple[torch.Tensor, dict]:
+    """(`[B, upto + 1, D]` the hidden state at each left-padded prompt's last token after the embedding and
+    after each of the first `upto` blocks; {m: `[B, Q, D]` every token's state after m blocks, m in `keep`}).
+    The loop of `fast_forward.lm_forward` (whole prompts, no cache), written out here to keep every state
+    (a shared block function slowed K = 1 requests by ~3%)."""
     decoder, _ = llama_parts(lm)
     fused = fused_blocks(decoder)
     B, Q = ids.shape
     h = decoder.embed_tokens(ids)
     cos, sin = decoder.rotary_emb(h, prompt_positions(mask))
     am = causal_prompt_mask(mask, h.dtype)
-    out = [h[:, -1].float()]
-    for i, layer in enumerate(decoder.layers):
+    out, full = [h[:, -1].float()], {0: h} if 0 in keep else {}
+    for i, layer in enumerate(decoder.layers[:upto]):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
         q, k, v = fused[i].project_qkv(x) if fused else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
@@ -78,7 +86,9 @@ def layer_states(lm, ids, mask) -> torch.Tensor:
         x = layer.post_attention_layernorm(h)
         h = h + (fused[i].mlp(x) if fused else layer.mlp(x))
         out.append(h[:, -1].float())
-    return torch.stack(out, 1)
+        if i + 1 in keep:
+            full[i + 1] = h
+    return torch.stack(out, 1), full
 
 
 class ExitHead(torch.nn.Module):
@@ -105,17 +115,69 @@ class ExitHead(torch.nn.Module):
         return x @ self.rows.T
 
 
+class BlockHead(torch.nn.Module):
+    """A draft block over the target's states at every prompt token: a down-projection to `width`, a
+    learned position counted from the prompt's end, one pre-norm transformer block (4 heads, MLP 4 x
+    width), and the 1st code read at the last token."""
+
+    def __init__(self, dim: int, codes: int, width: int, max_len: int = 1024):
+        super().__init__()
+        self.down = torch.nn.Linear(dim, width)
+        self.pos = torch.nn.Embedding(max_len, width)
+        self.block = torch.nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, activation="gelu",
+                                                      batch_first=True, norm_first=True)
+        self.norm = torch.nn.LayerNorm(width)
+        self.out = torch.nn.Linear(width, codes)
+
+    def forward(self, x, mask):  # [B, Q, D], [B, Q] left-padded -> [B, C]
+        Q = x.shape[1]
+        h = self.down(x.float()) + self.pos(torch.arange(Q - 1, -1, -1, device=x.device))  # [B, Q, W]
+        h = self.block(h, src_key_padding_mask=~mask.bool())
+        return self.out(self.norm(h[:, -1]))
+
+
+def kl(logits, target_lp, valid):
+    """KL(p || q) over the valid 1st codes, q = softmax(logits), mean over rows."""
+    logq = torch.log_softmax(logits.masked_fill(~valid, -1e9), -1)
+    return (target_lp.exp() * (target_lp.clamp(min=-1e9) - logq)).sum(-1).mean()
+
+
 def train_head(head, x, target_lp, valid, steps: int):
     """Full-batch AdamW on KL(p || q) over the valid 1st codes; returns the last loss."""
     opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=0.01)
-    p = target_lp.exp()
     for _ in range(steps):
-        logq = torch.log_softmax(head(x).masked_fill(~valid, -1e9), -1)
-        loss = (p * (target_lp.clamp(min=-1e9) - logq)).sum(-1).mean()  # KL(p || q)
+        loss = kl(head(x), target_lp, valid)
         opt.zero_grad()
         loss.backward()
         opt.step()
     return loss.item()
+
+
+def train_block(head, batches, valid, epochs: int, seed: int):
+    """AdamW (cosine decay) on KL(p || q) over `batches` of (states, mask, target log-probs), shuffled each
+    epoch; returns the last epoch's mean loss."""
+    steps = max(1, epochs * len(batches))
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g, losses = torch.Generator().manual_seed(seed), []
+    for epoch in range(epochs):
+        losses = []
+        for i in torch.randperm(len(batches), generator=g).tolist():
+            x, mask, lp = batches[i]
+            loss = kl(head(x, mask), lp, valid)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        print(f"\rblock: epoch {epoch + 1}/{epochs}, KL {sum(losses) / len(losses):.3f}", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    return sum(losses) / max(len(losses), 1)
+
+
+@torch.no_grad()
+def block_logits(head, batches) -> torch.Tensor:
+    return torch.cat([head(x, mask) for x, mask, _ in batches]) if batches else torch.zeros(0)
 
 
 def coverage(target_lp, draft_lp, pairs) -> dict:
@@ -138,18 +200,35 @@ def first_code_logprobs(model, vocab, trie, ids, mask):
 
 
 @torch.no_grad()
-def target_states(lm, draft, vocab, trie, requests, with_states: bool = True):
-    """(hidden states `[U, n_layers + 1, D]` at each prompt's last token, or None without `with_states`;
-    the target's and the draft's 1st-code log-probs `[U, C]`) of the users of `requests`."""
-    states, target_lp, draft_lp = [], [], []
+def target_states(lm, draft, vocab, trie, requests, upto: int, keep=()):
+    """(hidden states `[U, upto + 1, D]` at each prompt's last token; {m: [(every token's state after m
+    layers `[B, Q, D]`, mask `[B, Q]`) per request batch]} for m in `keep`; the target's and the draft's
+    1st-code log-probs `[U, C]`) of the users of `requests`."""
+    states, full, target_lp, draft_lp = [], {m: [] for m in keep}, [], []
     for i, r in enumerate(requests):
         print(f"\rstates: batch {i + 1}/{len(requests)}", end="", file=sys.stderr)
-        if with_states:
-            states.append(layer_states(lm, r.ids, r.mask))  # [B, n_layers + 1, D]
+        last, every = layer_states(lm, r.ids, r.mask, upto, keep)  # [B, upto + 1, D]
+        states.append(last)
+        for m in keep:
+            full[m].append((every[m], r.mask))
         target_lp.append(first_code_logprobs(lm, vocab, trie, r.ids, r.mask))
         draft_lp.append(first_code_logprobs(draft, vocab, trie, r.ids, r.mask))
     print(file=sys.stderr)
-    return torch.cat(states) if states else None, torch.cat(target_lp), torch.cat(draft_lp)
+    return torch.cat(states), full, torch.cat(target_lp), torch.cat(draft_lp)
+
+
+def split_batches(full, target_lp, n: int) -> tuple[list, list]:
+    """Request batches of (states, mask, target log-probs) cut at user `n`: (the first n users', the rest)."""
+    train, rest, start = [], [], 0
+    for x, mask in full:
+        B = len(x)
+        lp, cut = target_lp[start:start + B], min(max(n - start, 0), B)
+        if cut:
+            train.append((x[:cut], mask[:cut], lp[:cut]))
+        if cut < B:
+            rest.append((x[cut:], mask[cut:], lp[cut:]))
+        start += B
+    return train, rest
 
 
 def probe(args) -> None:
@@ -158,8 +237,10 @@ def probe(args) -> None:
     t, draft = s.model.target, s.model.draft
     vocab, trie, lm = t.vocab, t.trie, t.lm
     valid = trie.allowed(trie.root_nodes(1), 0)[0]  # [C] codes an ID may start with
-    states, target_lp, draft_lp = target_states(lm, draft, vocab, trie, decoders.requests(args, served, test, 32),
-                                                bool(args.layers))
+    upto = max(args.layers + args.block_layers, default=0)
+    states, full, target_lp, draft_lp = target_states(lm, draft, vocab, trie,
+                                                      decoders.requests(args, served, test, 32), upto,
+                                                      tuple(args.block_layers))
     C, (decoder, _) = vocab.codebook_size, llama_parts(lm)
     n = args.train_users
     rows = code_weight(lm, vocab)[:C].detach()
@@ -179,10 +260,20 @@ def probe(args) -> None:
             key = f"{name} (train KL {loss:.2f})"
             results[key] = coverage(target_lp[n:], q, args.pairs)
             print(f"{key}: {results[key]}", file=sys.stderr)
+    for m in args.block_layers:
+        torch.manual_seed(s.config["seed"])
+        head = BlockHead(rows.shape[1], C, args.block_width)
+        train, rest = split_batches(full[m], target_lp, n)
+        loss = train_block(head, train, valid, args.block_epochs, s.config["seed"])
+        q = block_logits(head, rest).masked_fill(~valid, float("-inf"))
+        source = "token embeddings" if m == 0 else f"states after {m} layers"
+        key = f"draft block ({args.block_width}) over {source} (train KL {loss:.2f})"
+        results[key] = coverage(target_lp[n:], q, args.pairs)
+        print(f"{key}: {results[key]}", file=sys.stderr)
     keys = args.pairs
     cols = ["draft"] + [f"top-{k} in top-{w}" for k, w in keys]
     lines = decoders.header(args, "Early-exit probe: the target's top-K 1st codes in a draft's top N", served,
-                            [f"{n} users train the heads, {args.eval_users} others measured; "
+                            [f"{n} users train the heads, {len(target_lp) - n} others measured; "
                              f"{len(decoder.layers)} target layers"])
     lines += common.table(cols, [[name] + [f"{r[key]:.2f}" for key in keys] for name, r in results.items()])
     common.write(lines, args.output)

@@ -424,6 +424,32 @@ def test_early_exit_probe_sees_the_target_itself_in_the_logit_lens_of_its_last_l
     assert rows[0]["draft"].startswith(f"served draft (1 x {SMALL['draft_hidden_size']},")
 
 
+def test_early_exit_probe_trains_draft_blocks_over_embeddings_and_early_layer_states(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--train_users=48", "--eval_users=16", "--layers=",
+                    "--block_layers=0,1", "--block_width=32", "--block_epochs=2", "--pairs=1:1,3:5")
+    assert early_exit.main(argv) == 0
+    (rows,) = tables(in_tmp_dir / "table.md")
+    assert [r["draft"].split(" (train")[0] for r in rows[1:]] == ["draft block (32) over token embeddings",
+                                                                 "draft block (32) over states after 1 layers"]
+    assert all(0 <= float(r[c]) <= 1 for r in rows for c in ("top-1 in top-1", "top-3 in top-5"))
+
+
+def test_a_draft_block_learns_a_first_code_distribution_that_its_prompt_states_determine():
+    torch.manual_seed(0)
+    C, D = 16, 24
+    proj = torch.randn(D, C)
+    batches = []
+    for _ in range(12):
+        x, mask = torch.randn(32, 6, D), torch.ones(32, 6, dtype=torch.bool)
+        mask[:8, :2] = False  # left padding
+        batches.append((x, mask, torch.log_softmax(2 * x[:, -1] @ proj, -1)))
+    valid = torch.ones(C, dtype=torch.bool)
+    head = early_exit.BlockHead(D, C, 32)
+    before = float(sum(early_exit.kl(head(x, m), lp, valid) for x, m, lp in batches)) / len(batches)
+    after = early_exit.train_block(head, batches, valid, epochs=15, seed=0)
+    assert after < 0.5 * before
+
+
 def test_early_exit_probe_without_layers_measures_the_served_draft_alone(synth_root, in_tmp_dir):
     argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--train_users=0", "--eval_users=32", "--layers=",
                     "--pairs=1:1,3:5", "--draft_n_layers=2")
