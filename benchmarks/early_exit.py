@@ -51,6 +51,8 @@ def parse_args(argv=None):
                    help="draft blocks over the target's states after m layers at every prompt token (0: embeddings)")
     p.add_argument("--block_width", type=int, default=256, help="the draft block's width (the served draft's)")
     p.add_argument("--block_epochs", type=int, default=20, help="AdamW epochs of 32-user batches per draft block")
+    p.add_argument("--time_requests", type=int, default=0,
+                   help="also time, at batch 1 on this many users, the passes a draft block adds or replaces")
     args = common.parse(p, argv, tuple(decoders.MODEL_OF_MODE.values()))  # whose draft: AtSpeedS's unless --model
     mode = next((m for m, name in decoders.MODEL_OF_MODE.items() if name == args.model), "strict")
     args.modes, args.requests, args.temperature = [mode], args.train_users + args.eval_users, None
@@ -231,6 +233,25 @@ def split_batches(full, target_lp, n: int) -> tuple[list, list]:
     return train, rest
 
 
+@torch.no_grad()
+def pass_times(args, s, test, width: int) -> list[list[str]]:
+    """Rows (pass, median ms at batch 1 after 5 warm-up requests): the served draft's and the target's 1st-code
+    prompt passes, the target's first m layers over the prompt (m in `--block_layers`) and a draft block."""
+    t, draft = s.model.target, s.model.draft
+    requests = common.sample_requests(test, t.prompt, args.time_requests, 1, s.config["seed"], s.config["device"])
+    head = BlockHead(code_weight(t.lm, t.vocab).shape[1], t.vocab.codebook_size, width).eval()
+    states = {id(r.ids): layer_states(t.lm, r.ids, r.mask, 0, (0,))[1][0] for r in requests}  # [1, Q, D]
+    fns = {"served draft: 1st-code prompt pass": lambda ids, mask: first_code_logprobs(draft, t.vocab, t.trie,
+                                                                                       ids, mask),
+           "target: 1st-code prompt pass": lambda ids, mask: first_code_logprobs(t.lm, t.vocab, t.trie, ids, mask),
+           f"draft block ({width}) over the prompt's states": lambda ids, mask: head(states[id(ids)], mask)}
+    for m in [m for m in args.block_layers if m]:
+        fns[f"target: first {m} layers over the prompt"] = (
+            lambda ids, mask, m=m: layer_states(t.lm, ids, mask, m, (m,)))
+    res = common.interleaved(fns, requests, warmup=5)
+    return [[name, f"{1000 * res[name][0]:.2f}"] for name in fns]
+
+
 def probe(args) -> None:
     served, test = decoders.load(args)
     s = served[args.modes[0]]
@@ -260,7 +281,7 @@ def probe(args) -> None:
             key = f"{name} (train KL {loss:.2f})"
             results[key] = coverage(target_lp[n:], q, args.pairs)
             print(f"{key}: {results[key]}", file=sys.stderr)
-    for m in args.block_layers:
+    for m in args.block_layers if n else ():  # no users to train on: the passes are only timed
         torch.manual_seed(s.config["seed"])
         head = BlockHead(rows.shape[1], C, args.block_width)
         train, rest = split_batches(full[m], target_lp, n)
@@ -276,6 +297,10 @@ def probe(args) -> None:
                             [f"{n} users train the heads, {len(target_lp) - n} others measured; "
                              f"{len(decoder.layers)} target layers"])
     lines += common.table(cols, [[name] + [f"{r[key]:.2f}" for key in keys] for name, r in results.items()])
+    if args.time_requests:
+        lines += ["", f"Batch 1, {args.time_requests} test users: median ms of a pass (the target's first layers by "
+                  "this probe's plain loop over the whole prompt; the block's time does not depend on its weights)."]
+        lines += [""] + common.table(["pass", "ms"], pass_times(args, s, test, args.block_width))
     common.write(lines, args.output)
 
 

@@ -426,12 +426,17 @@ def test_early_exit_probe_sees_the_target_itself_in_the_logit_lens_of_its_last_l
 
 def test_early_exit_probe_trains_draft_blocks_over_embeddings_and_early_layer_states(synth_root, in_tmp_dir):
     argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--train_users=48", "--eval_users=16", "--layers=",
-                    "--block_layers=0,1", "--block_width=32", "--block_epochs=2", "--pairs=1:1,3:5")
+                    "--block_layers=0,1", "--block_width=32", "--block_epochs=2", "--pairs=1:1,3:5",
+                    "--time_requests=12")
     assert early_exit.main(argv) == 0
-    (rows,) = tables(in_tmp_dir / "table.md")
+    rows, times = tables(in_tmp_dir / "table.md")
     assert [r["draft"].split(" (train")[0] for r in rows[1:]] == ["draft block (32) over token embeddings",
                                                                  "draft block (32) over states after 1 layers"]
     assert all(0 <= float(r[c]) <= 1 for r in rows for c in ("top-1 in top-1", "top-3 in top-5"))
+    assert [r["pass"] for r in times] == ["served draft: 1st-code prompt pass", "target: 1st-code prompt pass",
+                                          "draft block (32) over the prompt's states",
+                                          "target: first 1 layers over the prompt"]
+    assert all(float(r["ms"]) > 0 for r in times)
 
 
 def test_a_draft_block_learns_a_first_code_distribution_that_its_prompt_states_determine():
