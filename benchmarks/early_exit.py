@@ -12,8 +12,9 @@ target top-K 1st codes all lie in the head's top N, beside the untrained logit l
 1-layer draft (AtSpeedS's; `--model=AtSpeedR` measures AtSpeedR's). `--block_layers` adds a draft block
 over the target's states after m layers at every prompt token (EAGLE / PAD-Rec style: a down-projection,
 one transformer block of the draft's width, the 1st code read at the last token), trained the same way
-(m = 0: the target's token embeddings, the control). Findings: docs/experiments.md, "An early-exit draft
-from the target's first layers".
+(m = 0: the target's token embeddings, the control); `--second_code` measures the 2nd code after the
+target's best 1st code too (the blocks read that code's own learned row, as a draft reads a code it drafted).
+Findings: docs/experiments.md, "An early-exit draft from the target's first layers" and the next section.
 
     python benchmarks/early_exit.py --dataset=amazon-beauty --data_path=DIR
 
@@ -51,6 +52,8 @@ def parse_args(argv=None):
                    help="draft blocks over the target's states after m layers at every prompt token (0: embeddings)")
     p.add_argument("--block_width", type=int, default=256, help="the draft block's width (the served draft's)")
     p.add_argument("--block_epochs", type=int, default=20, help="AdamW epochs of 32-user batches per draft block")
+    p.add_argument("--second_code", action="store_true",
+                   help="also the 2nd code after the target's best 1st code (the blocks read that code's own row)")
     p.add_argument("--time_requests", type=int, default=0,
                    help="also time, at batch 1 on this many users, the passes a draft block adds or replaces")
     args = common.parse(p, argv, tuple(decoders.MODEL_OF_MODE.values()))  # whose draft: AtSpeedS's unless --model
@@ -124,6 +127,7 @@ class BlockHead(torch.nn.Module):
 
     def __init__(self, dim: int, codes: int, width: int, max_len: int = 1024):
         super().__init__()
+        self.code = torch.nn.Embedding(codes, width)  # a drafted code's own row (the target has not seen it)
         self.down = torch.nn.Linear(dim, width)
         self.pos = torch.nn.Embedding(max_len, width)
         self.block = torch.nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, activation="gelu",
@@ -131,15 +135,18 @@ class BlockHead(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(width)
         self.out = torch.nn.Linear(width, codes)
 
-    def forward(self, x, mask):  # [B, Q, D], [B, Q] left-padded -> [B, C]
-        Q = x.shape[1]
-        h = self.down(x.float()) + self.pos(torch.arange(Q - 1, -1, -1, device=x.device))  # [B, Q, W]
+    def forward(self, x, mask, prev=None):  # [B, Q, D], [B, Q] left-padded, codes after the prompt [B, t] -> [B, C]
+        h = self.down(x.float())  # [B, Q, W]
+        if prev is not None:
+            h, mask = torch.cat([h, self.code(prev)], 1), torch.cat([mask.bool(), torch.ones_like(prev, dtype=bool)], 1)
+        Q = h.shape[1]
+        h = h + self.pos(torch.arange(Q - 1, -1, -1, device=x.device))
         h = self.block(h, src_key_padding_mask=~mask.bool())
         return self.out(self.norm(h[:, -1]))
 
 
 def kl(logits, target_lp, valid):
-    """KL(p || q) over the valid 1st codes, q = softmax(logits), mean over rows."""
+    """KL(p || q) over the valid codes (`[C]` or `[B, C]`), q = softmax(logits), mean over rows."""
     logq = torch.log_softmax(logits.masked_fill(~valid, -1e9), -1)
     return (target_lp.exp() * (target_lp.clamp(min=-1e9) - logq)).sum(-1).mean()
 
@@ -155,9 +162,9 @@ def train_head(head, x, target_lp, valid, steps: int):
     return loss.item()
 
 
-def train_block(head, batches, valid, epochs: int, seed: int):
-    """AdamW (cosine decay) on KL(p || q) over `batches` of (states, mask, target log-probs), shuffled each
-    epoch; returns the last epoch's mean loss."""
+def train_block(head, batches, epochs: int, seed: int):
+    """AdamW (cosine decay) on KL(p || q) over `batches` of (states, mask, target log-probs, valid codes,
+    codes after the prompt or None), shuffled each epoch; returns the last epoch's mean loss."""
     steps = max(1, epochs * len(batches))
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -165,8 +172,8 @@ def train_block(head, batches, valid, epochs: int, seed: int):
     for epoch in range(epochs):
         losses = []
         for i in torch.randperm(len(batches), generator=g).tolist():
-            x, mask, lp = batches[i]
-            loss = kl(head(x, mask), lp, valid)
+            x, mask, lp, valid, prev = batches[i]
+            loss = kl(head(x, mask, prev), lp, valid)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -179,7 +186,7 @@ def train_block(head, batches, valid, epochs: int, seed: int):
 
 @torch.no_grad()
 def block_logits(head, batches) -> torch.Tensor:
-    return torch.cat([head(x, mask) for x, mask, _ in batches]) if batches else torch.zeros(0)
+    return torch.cat([head(x, mask, prev) for x, mask, _, _, prev in batches]) if batches else torch.zeros(0)
 
 
 def coverage(target_lp, draft_lp, pairs) -> dict:
@@ -192,43 +199,53 @@ def coverage(target_lp, draft_lp, pairs) -> dict:
     return out
 
 
-def first_code_logprobs(model, vocab, trie, ids, mask):
-    """`[B, C]` the model's 1st-code log-probs over the valid codes, by decoding's own prompt pass."""
+def code_logprobs(model, vocab, trie, ids, mask, prev=None):
+    """`[B, C]` the model's log-probs over the valid codes after the prompt and the codes `prev [B, t]` (none:
+    the 1st code), by decoding's own prompt pass."""
     ids, mask, prefix = split_prefix([model], vocab, ids, mask)
-    empty = ids.new_zeros(len(ids), 1, 0)
-    lp, _, _ = tree_forward(model, vocab, mask, empty, DraftTree.empty(len(ids)), None if prefix is None
+    prev = ids.new_zeros(len(ids), 0) if prev is None else prev
+    lp, _, _ = tree_forward(model, vocab, mask, prev.unsqueeze(1), DraftTree.empty(len(ids)), None if prefix is None
                             else prefix[0], ids)
-    return masked_code_logprobs(lp, vocab, trie, trie.root_nodes(len(ids), 1), 0)[:, 0]
+    return masked_code_logprobs(lp, vocab, trie, trie.walk(prev).unsqueeze(1), prev.shape[1])[:, 0]
 
 
 @torch.no_grad()
-def target_states(lm, draft, vocab, trie, requests, upto: int, keep=()):
+def target_states(lm, draft, vocab, trie, requests, upto: int, keep=(), second: bool = False):
     """(hidden states `[U, upto + 1, D]` at each prompt's last token; {m: [(every token's state after m
-    layers `[B, Q, D]`, mask `[B, Q]`) per request batch]} for m in `keep`; the target's and the draft's
-    1st-code log-probs `[U, C]`) of the users of `requests`."""
-    states, full, target_lp, draft_lp = [], {m: [] for m in keep}, [], []
+    layers `[B, Q, D]`, mask `[B, Q]`) per request batch]} for m in `keep`; per code probed (the 1st; with
+    `second` the 2nd after the target's best 1st code): {"target", "draft": log-probs `[U, C]`, "valid": the
+    codes the trie allows `[U, C]`, "prev": the codes before it `[U, t]` or None}) of the users of `requests`."""
+    states, full, codes = [], {m: [] for m in keep}, [{"target": [], "draft": [], "valid": [], "prev": []}
+                                                       for _ in range(1 + second)]
     for i, r in enumerate(requests):
         print(f"\rstates: batch {i + 1}/{len(requests)}", end="", file=sys.stderr)
         last, every = layer_states(lm, r.ids, r.mask, upto, keep)  # [B, upto + 1, D]
         states.append(last)
         for m in keep:
             full[m].append((every[m], r.mask))
-        target_lp.append(first_code_logprobs(lm, vocab, trie, r.ids, r.mask))
-        draft_lp.append(first_code_logprobs(draft, vocab, trie, r.ids, r.mask))
+        prev = None
+        for c in codes:
+            c["target"].append(code_logprobs(lm, vocab, trie, r.ids, r.mask, prev))
+            c["draft"].append(code_logprobs(draft, vocab, trie, r.ids, r.mask, prev))
+            c["valid"].append(c["target"][-1] > float("-inf"))
+            c["prev"].append(prev)
+            prev = c["target"][-1].argmax(-1, keepdim=True)  # [B, 1] the target's best 1st code
     print(file=sys.stderr)
-    return torch.cat(states), full, torch.cat(target_lp), torch.cat(draft_lp)
+    return torch.cat(states), full, [{k: None if v[0] is None else torch.cat(v) for k, v in c.items()} for c in codes]
 
 
-def split_batches(full, target_lp, n: int) -> tuple[list, list]:
-    """Request batches of (states, mask, target log-probs) cut at user `n`: (the first n users', the rest)."""
+def split_batches(full, code: dict, n: int) -> tuple[list, list]:
+    """Request batches of (states, mask, target log-probs, valid codes, codes before or None) cut at user `n`:
+    (the first n users', the rest)."""
     train, rest, start = [], [], 0
     for x, mask in full:
         B = len(x)
-        lp, cut = target_lp[start:start + B], min(max(n - start, 0), B)
+        rows = [code[k] if code[k] is None else code[k][start:start + B] for k in ("target", "valid", "prev")]
+        cut = min(max(n - start, 0), B)
         if cut:
-            train.append((x[:cut], mask[:cut], lp[:cut]))
+            train.append((x[:cut], mask[:cut], *[v if v is None else v[:cut] for v in rows]))
         if cut < B:
-            rest.append((x[cut:], mask[cut:], lp[cut:]))
+            rest.append((x[cut:], mask[cut:], *[v if v is None else v[cut:] for v in rows]))
         start += B
     return train, rest
 
@@ -241,15 +258,30 @@ def pass_times(args, s, test, width: int) -> list[list[str]]:
     requests = common.sample_requests(test, t.prompt, args.time_requests, 1, s.config["seed"], s.config["device"])
     head = BlockHead(code_weight(t.lm, t.vocab).shape[1], t.vocab.codebook_size, width).eval()
     states = {id(r.ids): layer_states(t.lm, r.ids, r.mask, 0, (0,))[1][0] for r in requests}  # [1, Q, D]
-    fns = {"served draft: 1st-code prompt pass": lambda ids, mask: first_code_logprobs(draft, t.vocab, t.trie,
-                                                                                       ids, mask),
-           "target: 1st-code prompt pass": lambda ids, mask: first_code_logprobs(t.lm, t.vocab, t.trie, ids, mask),
+    fns = {"served draft: 1st-code prompt pass": lambda ids, mask: code_logprobs(draft, t.vocab, t.trie, ids, mask),
+           "target: 1st-code prompt pass": lambda ids, mask: code_logprobs(t.lm, t.vocab, t.trie, ids, mask),
            f"draft block ({width}) over the prompt's states": lambda ids, mask: head(states[id(ids)], mask)}
     for m in [m for m in args.block_layers if m]:
         fns[f"target: first {m} layers over the prompt"] = (
             lambda ids, mask, m=m: layer_states(t.lm, ids, mask, m, (m,)))
     res = common.interleaved(fns, requests, warmup=5)
     return [[name, f"{1000 * res[name][0]:.2f}"] for name in fns]
+
+
+def block_rows(args, s, full, code: dict, n: int, dim: int) -> dict:
+    """{row name: coverage on the users after n} of a draft block per m in `--block_layers`, for one code."""
+    out = {}
+    for m in args.block_layers if n else ():  # no users to train on: the passes are only timed
+        torch.manual_seed(s.config["seed"])
+        head = BlockHead(dim, code["target"].shape[1], args.block_width)
+        train, rest = split_batches(full[m], code, n)
+        loss = train_block(head, train, args.block_epochs, s.config["seed"])
+        q = block_logits(head, rest).masked_fill(~code["valid"][n:], float("-inf"))
+        source = "token embeddings" if m == 0 else f"states after {m} layers"
+        key = f"draft block ({args.block_width}) over {source} (train KL {loss:.2f})"
+        out[key] = coverage(code["target"][n:], q, args.pairs)
+        print(f"{key}: {out[key]}", file=sys.stderr)
+    return out
 
 
 def probe(args) -> None:
@@ -259,14 +291,15 @@ def probe(args) -> None:
     vocab, trie, lm = t.vocab, t.trie, t.lm
     valid = trie.allowed(trie.root_nodes(1), 0)[0]  # [C] codes an ID may start with
     upto = max(args.layers + args.block_layers, default=0)
-    states, full, target_lp, draft_lp = target_states(lm, draft, vocab, trie,
-                                                      decoders.requests(args, served, test, 32), upto,
-                                                      tuple(args.block_layers))
+    states, full, codes = target_states(lm, draft, vocab, trie, decoders.requests(args, served, test, 32), upto,
+                                        tuple(args.block_layers), args.second_code)
+    target_lp, draft_lp = codes[0]["target"], codes[0]["draft"]
     C, (decoder, _) = vocab.codebook_size, llama_parts(lm)
     n = args.train_users
     rows = code_weight(lm, vocab)[:C].detach()
     size = f"{draft.config.num_hidden_layers} x {draft.config.hidden_size}"
-    results = {f"served draft ({size}, own prompt pass)": coverage(target_lp[n:], draft_lp[n:], args.pairs)}
+    served_row = f"served draft ({size}, own prompt pass)"
+    results = {served_row: coverage(target_lp[n:], draft_lp[n:], args.pairs)}
     for m in args.layers:
         for hidden in (0, rows.shape[1]):
             head = ExitHead(decoder.norm.weight, rows, decoder.norm.variance_epsilon, hidden)
@@ -281,22 +314,21 @@ def probe(args) -> None:
             key = f"{name} (train KL {loss:.2f})"
             results[key] = coverage(target_lp[n:], q, args.pairs)
             print(f"{key}: {results[key]}", file=sys.stderr)
-    for m in args.block_layers if n else ():  # no users to train on: the passes are only timed
-        torch.manual_seed(s.config["seed"])
-        head = BlockHead(rows.shape[1], C, args.block_width)
-        train, rest = split_batches(full[m], target_lp, n)
-        loss = train_block(head, train, valid, args.block_epochs, s.config["seed"])
-        q = block_logits(head, rest).masked_fill(~valid, float("-inf"))
-        source = "token embeddings" if m == 0 else f"states after {m} layers"
-        key = f"draft block ({args.block_width}) over {source} (train KL {loss:.2f})"
-        results[key] = coverage(target_lp[n:], q, args.pairs)
-        print(f"{key}: {results[key]}", file=sys.stderr)
+    results.update(block_rows(args, s, full, codes[0], n, rows.shape[1]))
     keys = args.pairs
     cols = ["draft"] + [f"top-{k} in top-{w}" for k, w in keys]
     lines = decoders.header(args, "Early-exit probe: the target's top-K 1st codes in a draft's top N", served,
                             [f"{n} users train the heads, {len(target_lp) - n} others measured; "
                              f"{len(decoder.layers)} target layers"])
     lines += common.table(cols, [[name] + [f"{r[key]:.2f}" for key in keys] for name, r in results.items()])
+    if args.second_code:
+        second = codes[1]
+        results = {served_row: coverage(second["target"][n:], second["draft"][n:], args.pairs)}
+        results.update(block_rows(args, s, full, second, n, rows.shape[1]))
+        several = int((second["valid"][n:].sum(-1) > 1).sum())
+        lines += ["", f"The 2nd code after the target's best 1st code: the target's top-K 2nd codes in a draft's top N "
+                  f"(the same users; {several} of them have more than one 2nd code to choose from)."]
+        lines += [""] + common.table(cols, [[name] + [f"{r[key]:.2f}" for key in keys] for name, r in results.items()])
     if args.time_requests:
         lines += ["", f"Batch 1, {args.time_requests} test users: median ms of a pass (the target's first layers by "
                   "this probe's plain loop over the whole prompt; the block's time does not depend on its weights)."]

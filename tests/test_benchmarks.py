@@ -439,6 +439,35 @@ def test_early_exit_probe_trains_draft_blocks_over_embeddings_and_early_layer_st
     assert all(float(r["ms"]) > 0 for r in times)
 
 
+def test_early_exit_probe_measures_the_second_code_after_the_targets_best_first_code(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--train_users=48", "--eval_users=16", "--layers=",
+                    "--block_layers=1", "--block_width=32", "--block_epochs=2", "--pairs=1:1,3:5", "--second_code")
+    assert early_exit.main(argv) == 0
+    first, second = tables(in_tmp_dir / "table.md")
+    assert [r["draft"].split(" (")[0] for r in second] == ["served draft", "draft block"]
+    assert all(0 <= float(r[c]) <= 1 for r in first + second for c in ("top-1 in top-1", "top-3 in top-5"))
+
+
+def test_the_probes_code_log_probs_are_the_targets_own_along_a_path(synth_root, in_tmp_dir):
+    from atspeed_rec.alignment.positions import beam_code_logits
+    from atspeed_rec.decoding.beam_search import masked_log_softmax
+    args = early_exit.parse_args(run_args(synth_root, in_tmp_dir, "--allow_untrained", "--train_users=0",
+                                          "--eval_users=8"))
+    served, test = early_exit.decoders.load(args)
+    t = served["strict"].model.target
+    (r,) = early_exit.decoders.requests(args, served, test, 8)
+    with torch.no_grad():
+        first = early_exit.code_logprobs(t.lm, t.vocab, t.trie, r.ids, r.mask)  # [B, C]
+        prev = first.argmax(-1, keepdim=True)
+        second = early_exit.code_logprobs(t.lm, t.vocab, t.trie, r.ids, r.mask, prev)
+        path = torch.cat([prev, second.argmax(-1, keepdim=True)], 1)  # [B, 2] a valid ID prefix
+        codes = torch.cat([path, t.trie.allowed_after(path).float().argmax(-1, keepdim=True)], 1).unsqueeze(1)
+        logits = beam_code_logits(t.lm, t.vocab, r.ids, r.mask, codes)[:, 0]  # [B, L, C]
+    for level, lp in enumerate((first, second)):
+        allowed = t.trie.allowed_after(path[:, :level])
+        torch.testing.assert_close(lp, masked_log_softmax(logits[:, level], allowed), atol=1e-4, rtol=0)
+
+
 def test_a_draft_block_learns_a_first_code_distribution_that_its_prompt_states_determine():
     torch.manual_seed(0)
     C, D = 16, 24
@@ -449,9 +478,11 @@ def test_a_draft_block_learns_a_first_code_distribution_that_its_prompt_states_d
         mask[:8, :2] = False  # left padding
         batches.append((x, mask, torch.log_softmax(2 * x[:, -1] @ proj, -1)))
     valid = torch.ones(C, dtype=torch.bool)
+    batches = [(x, m, lp, valid, None) for x, m, lp in batches]
     head = early_exit.BlockHead(D, C, 32)
-    before = float(sum(early_exit.kl(head(x, m), lp, valid) for x, m, lp in batches)) / len(batches)
-    after = early_exit.train_block(head, batches, valid, epochs=15, seed=0)
+    with torch.no_grad():
+        before = float(sum(early_exit.kl(head(x, m), lp, valid) for x, m, lp, _, _ in batches)) / len(batches)
+    after = early_exit.train_block(head, batches, epochs=15, seed=0)
     assert after < 0.5 * before
 
 
