@@ -121,9 +121,10 @@ class ExitHead(torch.nn.Module):
 
 
 class BlockHead(torch.nn.Module):
-    """A draft block over the target's states at every prompt token: a down-projection to `width`, a
-    learned position counted from the prompt's end, one pre-norm transformer block (4 heads, MLP 4 x
-    width), and the 1st code read at the last token."""
+    """A draft block over the target's states at every prompt token: a down-projection to `width`, the codes
+    after the prompt (`prev`, drafted: the target has not seen them) by their own learned rows, a learned
+    position counted from the end, one pre-norm transformer block (4 heads, MLP 4 x width), and the next
+    code read at the last position."""
 
     def __init__(self, dim: int, codes: int, width: int, max_len: int = 1024):
         super().__init__()
