@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import common
 import decoders
+from atspeed_rec.alignment.losses import wordkd_loss
 from atspeed_rec.decoding.beam_search import masked_code_logprobs
 from atspeed_rec.decoding.tree import DraftTree, prompt_positions, tree_forward
 from atspeed_rec.models.fast_forward import causal_prompt_mask, code_weight, llama_parts
@@ -147,9 +148,8 @@ class BlockHead(torch.nn.Module):
 
 
 def kl(logits, target_lp, valid):
-    """KL(p || q) over the valid codes (`[C]` or `[B, C]`), q = softmax(logits), mean over rows."""
-    logq = torch.log_softmax(logits.masked_fill(~valid, -1e9), -1)
-    return (target_lp.exp() * (target_lp.clamp(min=-1e9) - logq)).sum(-1).mean()
+    """KL(p || q) over the valid codes (`[C]` or `[B, C]`), q = softmax(logits), mean over rows: WordKD's loss."""
+    return wordkd_loss(logits, target_lp, valid.expand_as(target_lp))
 
 
 def train_head(head, x, target_lp, valid, steps: int):
@@ -258,7 +258,8 @@ def pass_times(args, s, test, width: int) -> list[list[str]]:
     t, draft = s.model.target, s.model.draft
     requests = common.sample_requests(test, t.prompt, args.time_requests, 1, s.config["seed"], s.config["device"])
     head = BlockHead(code_weight(t.lm, t.vocab).shape[1], t.vocab.codebook_size, width).eval()
-    states = {id(r.ids): layer_states(t.lm, r.ids, r.mask, 0, (0,))[1][0] for r in requests}  # [1, Q, D]
+    embed = llama_parts(t.lm)[0].embed_tokens
+    states = {id(r.ids): embed(r.ids) for r in requests}  # [1, Q, D] token embeddings (any m costs the same)
     fns = {"served draft: 1st-code prompt pass": lambda ids, mask: code_logprobs(draft, t.vocab, t.trie, ids, mask),
            "target: 1st-code prompt pass": lambda ids, mask: code_logprobs(t.lm, t.vocab, t.trie, ids, mask),
            f"draft block ({width}) over the prompt's states": lambda ids, mask: head(states[id(ids)], mask)}
