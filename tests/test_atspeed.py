@@ -70,6 +70,11 @@ def test_strict_decoding_equals_target_beam_search_for_every_test_user(synth_roo
     train, _, test = data_preparation(config, create_dataset(config))
     model = AtSpeedS(config, train._dataset)
     load_checkpoint(model, next((in_tmp_dir / "saved").glob("AtSpeedS-synth-*.safetensors")))
+    assert serves_the_targets_lists(model, test) == train._dataset.user_num - 1
+
+
+def serves_the_targets_lists(model, test) -> int:
+    """Asserts that `model` decodes every request of `test` into its target's beam-search lists; returns how many."""
     model.eval()
     users = 0
     with torch.no_grad():
@@ -80,7 +85,7 @@ def test_strict_decoding_equals_target_beam_search_for_every_test_user(synth_roo
             assert torch.equal(spec.items, ref.items)
             torch.testing.assert_close(spec.scores, ref.scores, atol=1e-5, rtol=2e-6)
             users += len(ids)
-    assert users == train._dataset.user_num - 1
+    return users
 
 
 def test_fewer_draft_beams_than_target_beams_is_refused(synth_root, in_tmp_dir, capsys):

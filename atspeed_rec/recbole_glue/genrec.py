@@ -21,6 +21,7 @@ from atspeed_rec.decoding.tree import prompt_positions
 from atspeed_rec.errors import ConfigError
 from atspeed_rec.models.compiled import CompiledBlocks
 from atspeed_rec.models.fast_forward import hidden_code_logits
+from atspeed_rec.models.state_draft import forward_inputs
 from atspeed_rec.models.item_embedding import ItemTokenEmbedding
 from atspeed_rec.models.lm import build_lm
 from atspeed_rec.models.precision import resolve_dtype
@@ -177,7 +178,8 @@ class GenRec(ProjectModel):
         # Shortest windows together, so that little of each forward pass is padding.
         for chunk in torch.argsort((items > 0).sum(1)).chunk(self.length_buckets):
             T = int(n_real[chunk].max())
-            logits = hidden_code_logits(lm, self.vocab, input_ids=tokens[chunk, :T - 1])  # [n, T-1, L*C] causal
+            # [n, T-1, L*C] causal; an early-layer draft reads every token as the target's states
+            logits = hidden_code_logits(lm, self.vocab, **forward_inputs(lm, tokens[chunk, :T - 1]))
             loss = loss + self.code_nll(logits, labels[chunk, 1:T], token_items[chunk, 1:T], level_of[1:T])
         return loss / count
 
