@@ -123,6 +123,12 @@ def test_an_early_layer_draft_trains_is_saved_with_its_projection_and_serves_the
     load_checkpoint(model, path)
     assert source_of(model.draft) == (model.target.lm, 1)
     assert serves_the_targets_lists(model, test) == train._dataset.user_num - 1
+    batch = next(iter(train))
+    first, every = (model.target.window_loss(model.draft, batch, first_codes_only=only) for only in (True, False))
+    with torch.no_grad():  # the output rows of every code but the 1st: the 1st-codes-only loss never reads them
+        model.draft.lm_head.weight[model.target.vocab.level_start(1):].mul_(3.0)
+    assert model.target.window_loss(model.draft, batch, first_codes_only=True).item() == pytest.approx(first.item())
+    assert model.target.window_loss(model.draft, batch).item() != pytest.approx(every.item())
 
 
 def test_a_source_layer_outside_the_targets_blocks_is_refused(synth_root, in_tmp_dir, capsys):

@@ -57,9 +57,14 @@ def source_of(model):
 
 
 def prompt_embeds(draft, states: torch.Tensor) -> torch.Tensor:
-    """`[B, F, D_draft]` the draft's inputs at prompt tokens from the target's states `[B, F, D_target]`."""
-    proj = llama_parts(draft)[0].state_proj
-    return proj(states.to(proj.weight.dtype))
+    """`[B, F, D_draft]` the draft's inputs at prompt tokens from the target's states `[B, F, D_target]`:
+    normalised as the target's block m reads them (its frozen input norm), then projected. Raw, they are
+    ~100x the scale of the draft's own rows (SmolLM2 after 2 blocks: token norms 60-210, one dimension
+    up to 183), and a projection of them drowned what the draft's own block adds at those positions."""
+    (target, layers), proj = source_of(draft), llama_parts(draft)[0].state_proj
+    with torch.no_grad():  # the target is frozen
+        x = llama_parts(target)[0].layers[layers].input_layernorm(states)
+    return proj(x.to(proj.weight.dtype))
 
 
 def forward_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

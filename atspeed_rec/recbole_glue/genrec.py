@@ -148,8 +148,9 @@ class GenRec(ProjectModel):
         """
         return self.compiled.run(lambda: self.window_loss(self.lm, interaction))
 
-    def window_loss(self, lm, interaction):
-        """Mean next-code cross-entropy of `lm` (the target, or a draft) over the batch's windows.
+    def window_loss(self, lm, interaction, first_codes_only: bool = False):
+        """Mean next-code cross-entropy of `lm` (the target, or a draft) over the batch's windows, at every
+        code or at each item's 1st code only.
 
         Rows are `[prefix text][window codes][pads]`: right-padded, so plain causal attention
         keeps real tokens from seeing pads (no mask to build, the fast attention path).
@@ -165,6 +166,8 @@ class GenRec(ProjectModel):
         L = self.vocab.levels
         tokens = self.vocab.history_tokens(self.item_codes, items)  # [n, W * L]
         labels = tokens.masked_fill(~learn.repeat_interleave(L, 1), -100)
+        if first_codes_only:
+            labels[:, torch.arange(labels.shape[1], device=labels.device) % L != 0] = -100
         token_items = items.repeat_interleave(L, 1)  # [n, W * L] the item each token belongs to
         if self.text_prompt is not None:  # the prompt's text before the codes, as at inference
             prefix = self.text_prompt.prefix.expand(len(items), -1)
