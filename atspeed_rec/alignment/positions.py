@@ -38,8 +38,8 @@ def beam_code_logits(model, vocab: CodeVocab, input_ids: torch.Tensor, mask: tor
     empty = codes.new_zeros(G, 1, 0)  # no current beam: the tree grows from the prompt
     tokens, positions, attn, keep = tree_inputs(vocab, mask, empty, beam_tree(codes), prompt_ids=input_ids,
                                                 dtype=lm_dtype(model))
-    logits = hidden_code_logits(model, vocab, keep, **forward_inputs(model, tokens, attn, positions,
-                                                                     prompt_len=input_ids.shape[1]))  # [G, 1 + (L-1)K, L*C]: after the prompt, then every node
+    inputs = forward_inputs(model, tokens, attn, positions, prompt_len=input_ids.shape[1])
+    logits = hidden_code_logits(model, vocab, keep, **inputs)  # [G, 1 + (L-1)K, L*C]: after the prompt, then every node
     root = logits[:, :1].expand(G, K, -1).unsqueeze(2)  # [G, K, 1, L*C]
     nodes = logits[:, 1:].view(G, L - 1, K, -1).transpose(1, 2)  # [G, K, L-1, L*C]
     per_level = torch.cat([root, nodes], dim=2)  # [G, K, L, L*C]

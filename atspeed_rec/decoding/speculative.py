@@ -441,7 +441,7 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
         else:
             kv = None if draft_kv is None else cache_rows(draft_kv, rows)
         if first and split:  # every request: the prompts through the target's first m blocks, shared by both
-            early = prompt_states(target, vocab, mask, input_ids, None if prefix is None else prefix[0], source[1])
+            early = prompt_states(target, vocab, mask, ids, None if prefix is None else prefix[0], source[1])
         with record_function(STAGES["draft"]):
             states = early.hidden[rows] if encode and split else None
             tree, kv, draft_calls, filled = draft_tree(draft, kv, mask, beams, trie, vocab, d, N, mode, generator,

@@ -25,7 +25,7 @@ import torch
 
 from atspeed_rec.models.fast_forward import KV, causal_prompt_mask, early_states, llama_parts, lm_dtype, lm_forward
 from atspeed_rec.models.fused import fused_blocks
-from atspeed_rec.models.state_draft import prompt_embeds, source_of
+from atspeed_rec.models.state_draft import decoder_source, prompt_embeds, source_of
 from atspeed_rec.models.vocab import CodeVocab
 
 _KV: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> (sources, state, prefix KV [1, ...])
@@ -57,7 +57,7 @@ def whole_prompts(model):
 def _sources(decoder) -> tuple[list[torch.Tensor], list]:
     """The tensors and the LoRA layers the prefix's KV is computed from (listed once: walking the modules
     on every request cost ~3 ms on SmolLM2): an early-layer draft's include its target's."""
-    source = decoder.__dict__.get("state_source")
+    source = decoder_source(decoder)
     decoders = [decoder] + ([llama_parts(source[0])[0]] if source else [])
     loras = [m for d in decoders for m in d.modules() if hasattr(m, "active_adapters") and hasattr(m, "merged")]
     return [p for d in decoders for p in d.parameters()], loras

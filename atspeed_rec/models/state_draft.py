@@ -2,17 +2,17 @@
 
 A small draft reads a user's history from its own token embeddings, and its weakest guess is the ID's
 1st code: the user's taste, which the target reads from its whole stack over the prompt. Here the draft's
-input at each prompt token is instead the target's own residual stream after its first m blocks, brought
-to the draft's width by a learned projection (`state_proj`, on the draft's decoder: trained and saved
+input at each prompt token is instead the target's own residual stream after its first m blocks, normalised
+as its block m reads it and brought to the draft's width by a learned projection (`state_proj`, on the draft's decoder: trained and saved
 with the draft); the codes after the prompt (drafted or accepted beams, which the target has not seen in
-the draft's pass) keep the draft's own embeddings. Measured before this draft existed (a probe on
-amazon-beauty, docs/experiments.md): the target's ten best 1st codes were in the draft's top 40 for 88%
-of users after 2 blocks, against 75% from token embeddings.
+the draft's pass) keep the draft's own embeddings. A probe on amazon-beauty (docs/experiments.md) found the
+target's ten best 1st codes in a draft block's top 40 for 88% of users after 2 blocks, against 75% from
+token embeddings; this draft, trained by the project's objective, does not reach that yet (73%).
 
 Those m blocks cost nothing extra when serving: the verification pass that follows runs its first m
 blocks over the tree tokens only and the rest over prompt and tree from the same states (`lm_forward`'s
 `early`), so the target does the same work as one pass. In training the frozen target's first m blocks
-run under no_grad before each draft forward (`hidden_code_logits`). The target is referenced from the
+run under no_grad before each draft forward (`forward_inputs`). The target is referenced from the
 draft's decoder, not registered in it: it is neither trained nor saved with the draft.
 """
 
@@ -53,7 +53,12 @@ def attach_source(draft, target, layers: int) -> None:
 
 def source_of(model):
     """The `Source` (target, m) whose states after m blocks `model` reads at its prompt tokens, or None."""
-    return llama_parts(model)[0].__dict__.get("state_source")
+    return decoder_source(llama_parts(model)[0])
+
+
+def decoder_source(decoder):
+    """`source_of` for a model's decoder."""
+    return decoder.__dict__.get("state_source")
 
 
 def prompt_embeds(draft, states: torch.Tensor) -> torch.Tensor:

@@ -21,13 +21,13 @@ from atspeed_rec.decoding.tree import prompt_positions
 from atspeed_rec.errors import ConfigError
 from atspeed_rec.models.compiled import CompiledBlocks
 from atspeed_rec.models.fast_forward import hidden_code_logits
-from atspeed_rec.models.state_draft import forward_inputs
 from atspeed_rec.models.item_embedding import ItemTokenEmbedding
 from atspeed_rec.models.lm import build_lm
 from atspeed_rec.models.precision import resolve_dtype
 from atspeed_rec.models.prefix_cache import register_prefix
 from atspeed_rec.models.pretrained import build_pretrained, save_trained_part_only
 from atspeed_rec.models.sequences import TrainingWindows
+from atspeed_rec.models.state_draft import forward_inputs
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.recbole_glue.base import ProjectModel
 from atspeed_rec.recbole_glue.checkpoint import DATA_KEYS, TRAIN_KEYS
