@@ -131,6 +131,8 @@ def test_an_early_layer_draft_trains_is_saved_with_its_projection_and_serves_the
     assert model.target.window_loss(model.draft, batch).item() != pytest.approx(every.item())
 
 
-def test_a_source_layer_outside_the_targets_blocks_is_refused(synth_root, in_tmp_dir, capsys):
-    assert run(synth_root, "AtSpeedS", in_tmp_dir / "s.json", n_layers=2, draft_source_layer=2) != 0
-    assert "draft_source_layer=2" in capsys.readouterr().err
+@pytest.mark.parametrize("n_layers,fix", [(2, "a value from 1 to 1"), (1, "a target of 2 or more blocks")])
+def test_a_source_layer_outside_the_targets_blocks_is_refused(synth_root, in_tmp_dir, capsys, n_layers, fix):
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "s.json", n_layers=n_layers, draft_source_layer=2) != 0
+    err = capsys.readouterr().err
+    assert "draft_source_layer=2" in err and fix in err

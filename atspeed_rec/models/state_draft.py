@@ -40,9 +40,10 @@ def attach_source(draft, target, layers: int) -> None:
     """Make `draft` read its prompts as `target`'s states after its first `layers` blocks (0: its own tokens)."""
     n = len(llama_parts(target)[0].layers)
     if not 0 <= layers < n:
+        fix = f"a value from 1 to {n - 1}, or" if n > 1 else "a target of 2 or more blocks (n_layers), or leave it"
         raise ConfigError(f"draft_source_layer={layers}: the draft reads the target's states after that many of "
-                          f"its {n} blocks; fix: a value from 1 to {n - 1}, or unset (~) for the draft's own "
-                          "token embeddings")
+                          f"its {n} blocks, and the target must have blocks left after them; fix: {fix} unset (~) "
+                          "for a draft over its own token embeddings")
     if layers == 0:
         return
     decoder = llama_parts(draft)[0]
