@@ -26,17 +26,15 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import common
 import decoders
 from atspeed_rec.alignment.losses import wordkd_loss
 from atspeed_rec.decoding.beam_search import masked_code_logprobs
 from atspeed_rec.decoding.tree import DraftTree, prompt_positions, tree_forward
-from atspeed_rec.models.fast_forward import causal_prompt_mask, code_weight, llama_parts
+from atspeed_rec.models.fast_forward import causal_prompt_mask, code_weight, llama_parts, run_blocks
 from atspeed_rec.models.fused import fused_blocks
 from atspeed_rec.models.prefix_cache import split_prefix
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 def parse_args(argv=None):
@@ -67,30 +65,16 @@ def parse_args(argv=None):
 @torch.no_grad()
 def layer_states(lm, ids, mask, upto: int, keep=()) -> tuple[torch.Tensor, dict]:
     """(`[B, upto + 1, D]` the hidden state at each left-padded prompt's last token after the embedding and
-    after each of the first `upto` blocks; {m: `[B, Q, D]` every token's state after m blocks, m in `keep`}).
-    The loop of `fast_forward.lm_forward` (whole prompts, no cache), written out here to keep every state
-    (a shared block function slowed K = 1 requests by ~3%)."""
+    after each of the first `upto` blocks; {m: `[B, Q, D]` every token's state after m blocks, m in `keep`}):
+    the blocks of `fast_forward.lm_forward` (whole prompts, no cache), one at a time to keep every state."""
     decoder, _ = llama_parts(lm)
     fused = fused_blocks(decoder)
-    B, Q = ids.shape
     h = decoder.embed_tokens(ids)
     cos, sin = decoder.rotary_emb(h, prompt_positions(mask))
     am = causal_prompt_mask(mask, h.dtype)
     out, full = [h[:, -1].float()], {0: h} if 0 in keep else {}
-    for i, layer in enumerate(decoder.layers[:upto]):
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)
-        q, k, v = fused[i].project_qkv(x) if fused else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
-        q, k = q.view(B, Q, -1, attn.head_dim), k.view(B, Q, -1, attn.head_dim)
-        if hasattr(attn, "q_norm"):  # Qwen3 and kin (as `lm_forward`)
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        v = v.view(B, Q, -1, attn.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=am, scale=attn.scaling,
-                                           enable_gqa=attn.num_key_value_groups > 1).transpose(1, 2).reshape(B, Q, -1)
-        h = h + (fused[i].o(o) if fused else attn.o_proj(o))
-        x = layer.post_attention_layernorm(h)
-        h = h + (fused[i].mlp(x) if fused else layer.mlp(x))
+    for i in range(min(upto, len(decoder.layers))):
+        h, _ = run_blocks(decoder, fused, range(i, i + 1), h, cos, sin, am, None)
         out.append(h[:, -1].float())
         if i + 1 in keep:
             full[i + 1] = h

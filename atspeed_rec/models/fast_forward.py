@@ -81,7 +81,7 @@ class EarlyStates(NamedTuple):
     layers: int
 
 
-def _blocks(decoder, fused, layers: range, h, cos, sin, mask, kv: KV | None):
+def run_blocks(decoder, fused, layers: range, h, cos, sin, mask, kv: KV | None):
     """The decoder blocks `layers` over `h [B, Q, D]` after the cache `kv` (one entry per block in `layers`);
     returns h and the grown cache of those blocks."""
     B, Q, _ = h.shape
@@ -117,7 +117,7 @@ def early_states(model, tokens: torch.Tensor, positions: torch.Tensor, mask: tor
     decoder, _ = llama_parts(model)
     h = decoder.embed_tokens(tokens)  # [B, F, D]
     cos, sin = decoder.rotary_emb(h, positions)
-    h, new_kv = _blocks(decoder, fused_blocks(decoder), range(layers), h, cos, sin, mask,
+    h, new_kv = run_blocks(decoder, fused_blocks(decoder), range(layers), h, cos, sin, mask,
                         None if kv is None else kv[:layers])
     return EarlyStates(h, new_kv, layers)
 
@@ -147,9 +147,9 @@ def lm_forward(model, vocab: CodeVocab, tokens: torch.Tensor, positions: torch.T
         f = early.hidden.shape[1]
         low, low_kv = h[:, f:], early.kv
         if low.shape[1]:  # (none when the first round drafts nothing)
-            low, low_kv = _blocks(decoder, fused, range(m), low, cos[:, f:], sin[:, f:], mask[:, :, f:], early.kv)
+            low, low_kv = run_blocks(decoder, fused, range(m), low, cos[:, f:], sin[:, f:], mask[:, :, f:], early.kv)
         h = torch.cat([early.hidden, low], 1)
-    h, new_kv = _blocks(decoder, fused, range(m, n), h, cos, sin, mask, None if kv is None else kv[m:])
+    h, new_kv = run_blocks(decoder, fused, range(m, n), h, cos, sin, mask, None if kv is None else kv[m:])
     if m:
         new_kv = low_kv + new_kv
     if keep is not None:
