@@ -1,5 +1,6 @@
 """Draft alignment: positions along beams, teacher data, every align_loss, and the staged AtSpeed runs."""
 
+import dataclasses
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from atspeed_rec.alignment.positions import allowed_along, beam_code_logits
 from atspeed_rec.alignment.teacher import SampleIndex, TeacherData, finish, select_samples, stored_positions
 from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.decoding.tree import prompt_positions
+from atspeed_rec.errors import ConfigError
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 from random_models import random_ids, random_lm, random_prompts
@@ -112,10 +114,9 @@ class FakeTarget:
         return self._prompt
 
 
-@pytest.mark.parametrize("name", [n for n in ALIGN_LOSSES if n != "none"])
-def test_every_align_loss_is_finite_and_trains_the_draft_only(name):
+def teacher_world():
+    """(trie, target, draft, FakeTarget, teacher data of its 3 prompts' top-4 beams, their codes)."""
     trie, target, draft, ids, mask = world()
-    fake = FakeTarget(trie, target, ids, mask)
     beams = beam_search(target, trie, VOCAB, ids, mask, 4)
     allowed = allowed_along(trie, beams.codes)
     logp = masked_log_softmax(beam_code_logits(target, VOCAB, ids, mask, beams.codes), allowed)
@@ -123,6 +124,12 @@ def test_every_align_loss_is_finite_and_trains_the_draft_only(name):
     teacher = TeacherData(finish({"users": torch.arange(3), "items": torch.arange(3), "lengths": torch.full((3,), 5),
                                   "codes": beams.codes, "valid": torch.ones(3, 4), "counts": stored.flatten(1).sum(1),
                                   "values": logp[stored].half()}))
+    return trie, target, draft, FakeTarget(trie, target, ids, mask), teacher, beams.codes
+
+
+@pytest.mark.parametrize("name", [n for n in ALIGN_LOSSES if n != "none"])
+def test_every_align_loss_is_finite_and_trains_the_draft_only(name):
+    trie, target, draft, fake, teacher, _ = teacher_world()
     cfg = AlignConfig(name=name, alpha=0.7, tau=1.0, beta=1.0, k=4, k_train=4, divergence="tvd")
     inter = {"item_id": torch.tensor([1, 7, 30])}
     loss = align_loss(cfg, fake, draft, inter, teacher, torch.arange(3))
@@ -131,6 +138,26 @@ def test_every_align_loss_is_finite_and_trains_the_draft_only(name):
     loss.backward()
     assert all(p.grad is None for p in target.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in draft.parameters())
+
+
+def test_first_code_kl_adds_the_forward_kl_of_the_targets_first_code_to_l_align():
+    trie, target, draft, fake, teacher, codes = teacher_world()
+    cfg = AlignConfig(name="atspeed_r", alpha=0.7, tau=1.0, beta=1.0, k=4, k_train=4, divergence="tvd")
+    inter = {"item_id": torch.tensor([1, 7, 30])}
+    plain = align_loss(cfg, fake, draft, inter, teacher, torch.arange(3))
+    with_kl = align_loss(dataclasses.replace(cfg, first_code_kl=0.5), fake, draft, inter, teacher, torch.arange(3))
+    first = allowed_along(trie, codes)[:, 0, 0]  # [3, C] every 1st code the trie allows
+    log_p = masked_log_softmax(teacher.batch(torch.arange(3), trie).target_logp[:, 0, 0], first)
+    log_q = masked_log_softmax(beam_code_logits(draft, VOCAB, fake._prompt[0], fake._prompt[1], codes)[:, 0, 0], first)
+    kl = (log_p.exp() * (log_p - log_q).nan_to_num(posinf=0.0, neginf=0.0)).sum(-1).mean()  # KL(p || q), mean over samples
+    assert (with_kl - plain).item() == pytest.approx(0.5 * kl.item(), rel=1e-4)
+
+
+def test_first_code_kl_is_refused_for_a_loss_without_teacher_distributions():
+    config = {"align_loss": "wordkd", "alpha": 0.7, "tau": 1.0, "beta": 1.0, "K_train": 4,
+              "distillspec_divergence": "tvd", "first_code_kl": 1.0}
+    with pytest.raises(ConfigError, match="first_code_kl=1.0 needs .* fix: --align_loss=atspeed_r"):
+        AlignConfig.from_config(config, num_beams=4)
 
 
 def test_the_draft_that_equals_the_target_has_zero_atspeed_losses():

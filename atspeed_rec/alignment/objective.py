@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from atspeed_rec.alignment.losses import combine, get_align_loss
+from atspeed_rec.alignment.losses import combine, get_align_loss, wordkd_loss
 from atspeed_rec.alignment.positions import allowed_along, beam_code_logits
 from atspeed_rec.alignment.teacher import SampleIndex
 from atspeed_rec.decoding.beam_search import beam_search
@@ -33,13 +33,19 @@ class AlignConfig:
     k: int  # AtSpeed-S: the draft's top-k set S = the target's beam width K
     k_train: int  # beams per sample (teacher data, on-policy drafts)
     divergence: str  # DistillSpec's divergence
+    first_code_kl: float = 0.0  # weight of a forward KL(p || q) at the 1st code, added to L_align (teacher data)
 
     @staticmethod
     def from_config(config, num_beams: int) -> "AlignConfig":
         cfg = AlignConfig(name=str(config["align_loss"]), alpha=float(config["alpha"]), tau=float(config["tau"]),
                           beta=float(config["beta"]), k=num_beams, k_train=int(config["K_train"]),
-                          divergence=str(config["distillspec_divergence"]))
-        get_align_loss(cfg.name)  # unknown names fail here, before any training
+                          divergence=str(config["distillspec_divergence"]),
+                          first_code_kl=float(config["first_code_kl"] or 0.0))
+        spec = get_align_loss(cfg.name)  # unknown names fail here, before any training
+        if cfg.first_code_kl and (spec.positions != "teacher" or spec.needs != "target_logits"):
+            raise ConfigError(f"first_code_kl={cfg.first_code_kl} needs the target's 1st-code distribution from teacher "
+                              f"data, which align_loss={cfg.name} does not use; fix: --align_loss=atspeed_r or "
+                              "atspeed_s, or leave first_code_kl unset (~)")
         if not 0.0 <= cfg.alpha <= 1.0:
             raise ConfigError(f"alpha={cfg.alpha}: the weight of L_align must lie in [0, 1]; fix: --alpha=0.7")
         if cfg.tau <= 0 or cfg.k_train < 1:
@@ -102,4 +108,8 @@ def align_loss(cfg: AlignConfig, target, draft, inter, samples: SampleIndex, idx
     if spec.needs == "labels":  # SeqKD: CE on the target's chosen codes
         return spec.fn(draft_logits, allowed, codes, tau=cfg.tau, weight=w)
     extra = {"atspeed_s": {"k": cfg.k, "beta": cfg.beta}, "distillspec": {"divergence": cfg.divergence}}
-    return spec.fn(draft_logits, target_logits, allowed, tau=cfg.tau, weight=w, **extra.get(cfg.name, {}))
+    loss = spec.fn(draft_logits, target_logits, allowed, tau=cfg.tau, weight=w, **extra.get(cfg.name, {}))
+    if cfg.first_code_kl:  # KL(p || q) at the 1st code (the same on every beam of a sample: its first beam's)
+        loss = loss + cfg.first_code_kl * wordkd_loss(draft_logits[:, 0, 0], target_logits[:, 0, 0],
+                                                     allowed[:, 0, 0], tau=cfg.tau)
+    return loss

@@ -45,7 +45,7 @@ DRAFT_KEYS = ("draft_n_layers", "draft_hidden_size", "draft_n_heads", "draft_inn
 # Not in the key: the serving tree (draft_beams, gamma, draft_start) and relaxed sampling's temperature. The
 # draft is validated on a tree of its own (strict, draft_valid_*), so serving settings are tuned without retraining.
 TEACHER_KEYS = ("K_train", "teacher_per_user", "teacher_users")  # which samples, how many beams
-ALIGN_KEYS = ("align_loss", "alpha", "tau", "beta", "distillspec_divergence", *TEACHER_KEYS)
+ALIGN_KEYS = ("align_loss", "alpha", "tau", "beta", "distillspec_divergence", "first_code_kl", *TEACHER_KEYS)
 
 
 def parse_trees(value, num_beams: int, draft_start: int = 0) -> list[Tree]:

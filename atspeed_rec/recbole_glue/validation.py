@@ -158,6 +158,8 @@ RULES = (
          "set --sid_codebook_size=256 (the default) or another value of 2 or more"),
     Rule("alpha", False, lambda v: 0 <= v <= 1, "the weight of L_align must lie in [0, 1]",
          "set --alpha to a value in [0, 1], e.g. --alpha=0.7"),
+    Rule("first_code_kl", False, lambda v: v >= 0, "the weight of the 1st code's forward KL cannot be negative",
+         "set --first_code_kl=1, or leave it unset (~) for L_align alone", optional=True),
     _pos("tau", "the temperature of the alignment distributions must be > 0", "1.0"),
     _pos("sample_temperature", "relaxed sampling divides scores by it, so it must be > 0",
          "0.5 (1 = plain beam sampling, smaller = closer to beam search)"),
