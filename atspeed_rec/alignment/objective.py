@@ -6,6 +6,7 @@ batch's rows that are alignment samples (`teacher.select_samples`), at the posit
 - teacher: along the target's cached top-K_train beams (atspeed_s, atspeed_r, seqkd);
 - ground_truth: along the true next item, the target scored online (wordkd, tvd);
 - on_policy: along the draft's own top-K_train beams, the target scored online (distillspec).
+With `first_code_kl: w` a teacher-data L_align also gets w * KL(p || q) at each sample's 1st code.
 """
 
 from __future__ import annotations
