@@ -56,12 +56,13 @@ def add_options(p, tree: bool = True) -> None:
                    help="the first code the draft proposes (default: the config's); also the config's "
                    "draft_start, which is in no checkpoint's key (with --sid_levels=3 the properties' 2 is refused)")
     p.add_argument("--trees", type=parse_trees, default={},
-                   help="a tree per K, K:N:gamma or K:N:gamma:draft_start comma-separated (e.g. "
-                   "1:8:3,10:20:1:2,20:40:1); other K use --draft_beams/--gamma/--draft_start or the config's")
+                   help="a tree per K, K:N:gamma, K:N:gamma:draft_start or K:N:gamma:draft_start:budget "
+                   "comma-separated (e.g. 1:8:3,10:20:1:2,20:40:1,10:40:2:0:50: the budget verifies only the tree's "
+                   "best nodes by draft score); other K use --draft_beams/--gamma/--draft_start or the config's")
 
 
 def parse_trees(text: str) -> dict[int, Tree]:
-    """`{K: Tree}` from 'K:N:gamma[:start],...'."""
+    """`{K: Tree}` from 'K:N:gamma[:start[:budget]],...'."""
     trees = {}
     for part in text.replace(" ", ",").split(","):
         if part:
@@ -69,10 +70,11 @@ def parse_trees(text: str) -> dict[int, Tree]:
                 k, *tree = (int(x) for x in part.split(":"))
                 tree = Tree(*tree)
             except (ValueError, TypeError):
-                raise argparse.ArgumentTypeError(f"{part!r} is not K:N:gamma or K:N:gamma:draft_start "
-                                                 "(integers)") from None
-            if tree.n < k or tree.gamma < 1 or tree.start < 0:
-                raise argparse.ArgumentTypeError(f"{part!r}: N must be >= K, gamma >= 1 and draft_start >= 0")
+                raise argparse.ArgumentTypeError(f"{part!r} is not K:N:gamma, K:N:gamma:draft_start or "
+                                                 "K:N:gamma:draft_start:budget (integers)") from None
+            if tree.n < k or tree.gamma < 1 or tree.start < 0 or not (tree.budget == 0 or tree.budget >= k):
+                raise argparse.ArgumentTypeError(f"{part!r}: N must be >= K, gamma >= 1, draft_start >= 0 and the "
+                                                 "budget 0 (every node) or >= K")
             trees[k] = tree
     return trees
 
@@ -155,7 +157,7 @@ def spec_fn(model, mode: str, k: int, tree: Tree, generator, bound: bool = True,
     t = model.target
     return lambda ids, mask: speculative_beam_search(t.lm, model.draft, t.trie, t.vocab, ids, mask, k, tree.n,
                                                      tree.gamma, mode, generator, model.temperature, model.last_level,
-                                                     bound, model.relaxed_rule, tree.start, trie_fill)
+                                                     bound, model.relaxed_rule, tree.start, trie_fill, tree.budget)
 
 
 def baseline_fn(model, mode: str, k: int, generator):
@@ -205,7 +207,8 @@ def measure(s: Served, mode: str, requests, k: int, tree: Tree, warmup: int, hf:
     decoded = {"speculative": beams, "beam_search": target}
     if mode == "relaxed":
         decoded["beam_sample"] = res["ours"][1]
-    row = {"mode": mode, "k": k, "batch": requests[0].users, "n": tree.n, "gamma": tree.gamma, "start": tree.start,
+    n = f"{tree.n} (best {tree.budget} nodes)" if tree.budget else tree.n
+    row = {"mode": mode, "k": k, "batch": requests[0].users, "n": n, "gamma": tree.gamma, "start": tree.start,
            "users": sum(r.users for r in requests), "spec_ms": 1000 * spec_t, "ours_ms": 1000 * res["ours"][0],
            "speedup": res["ours"][0] / spec_t, "search_ms": 1000 * search_t, "speedup_search": search_t / spec_t,
            "hf_ms": 1000 * res["hf"][0] if hf else None,
@@ -248,7 +251,9 @@ def compare_switch(args, s: Served, requests, off, names: tuple[str, str]) -> li
         a, b = names
         for what in ("search", "speculative"):
             same = sum(torch.equal(x.items, y.items) for x, y in zip(res[f"{what} {a}"][1], res[f"{what} {b}"][1]))
-            name = f" (N {tree.n}, gamma {tree.gamma}, draft start {tree.start})" if what == "speculative" else ""
+            budget = f", best {tree.budget} nodes" if tree.budget else ""
+            name = (f" (N {tree.n}, gamma {tree.gamma}, draft start {tree.start}{budget})" if what == "speculative"
+                    else "")
             rows.append([k, what + name, f"{ms[f'{what} {a}']:.1f}", f"{ms[f'{what} {b}']:.1f}",
                          f"{ms[f'{what} {a}'] / ms[f'{what} {b}']:.2f}x", f"{same}/{len(requests)}"])
         rows.append([k, "speedup (search / speculative)", f"{ms[f'search {a}'] / ms[f'speculative {a}']:.2f}x",

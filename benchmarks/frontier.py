@@ -1,9 +1,10 @@
 """The draft tree's frontier: speculative speedup and acceptance over draft widths N x depths gamma x draft starts.
 
 One K (`--k`, default 10), batch 1: on each sampled test user the target-only baseline (strict:
-`beam_search`, relaxed: `beam_sample`) and speculative beam search with every (N, gamma, draft start) of
-the grid (`--n`, `--gamma`, `--start`; N < K is skipped) run interleaved; speedup = median baseline time
-/ median speculative time per request.
+`beam_search`, relaxed: `beam_sample`) and speculative beam search with every (N, gamma, draft start, budget)
+of the grid (`--n`, `--gamma`, `--start`, `--budget`; N < K is skipped, and so is a budget below K or not
+below the tree's N x gamma nodes) run interleaved; speedup = median baseline time / median speculative time
+per request.
 
     python benchmarks/frontier.py --dataset=amazon-beauty --data_path=DIR
 
@@ -26,6 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--gamma", type=common.int_list, default=[1, 2, 3], help="draft levels per round")
     p.add_argument("--start", type=common.int_list, default=[0],
                    help="draft_start values: the first code the draft proposes (earlier ones: target steps)")
+    p.add_argument("--budget", type=common.int_list, default=[0],
+                   help="tree budgets: verify only the tree's B best nodes by cumulative draft score (0: all)")
     decoders.add_options(p, tree=False)
     args = common.parse(p, argv, tuple(decoders.MODEL_OF_MODE.values()))
     decoders.check_modes(p, args)
@@ -39,10 +42,11 @@ def run_frontier(s, mode: str, requests, k: int, grid, warmup: int) -> list[dict
     fns.update({tree: decoders.spec_fn(s.model, mode, k, tree, generator) for tree in grid})
     res = common.interleaved(fns, requests, warmup)
     rows = []
-    for n, g, start in grid:
-        spec_t, out = res[(n, g, start)]
+    for n, g, start, budget in grid:
+        spec_t, out = res[(n, g, start, budget)]
         accepted, calls, rate = decoders.acceptance([stats for _, stats in out])
-        rows.append({"mode": mode, "k": k, "n": n, "gamma": g, "start": start, "spec_ms": 1000 * spec_t,
+        rows.append({"mode": mode, "k": k, "n": n, "gamma": g, "start": start, "budget": budget,
+                     "spec_ms": 1000 * spec_t,
                      "ours_ms": 1000 * res["ours"][0], "speedup": res["ours"][0] / spec_t,
                      "accepted": accepted, "calls": calls, "rate": rate,
                      "by_code": decoders.acceptance_by_code([stats for _, stats in out])})
@@ -51,7 +55,8 @@ def run_frontier(s, mode: str, requests, k: int, grid, warmup: int) -> list[dict
 
 def benchmark(args) -> None:
     served, test = decoders.load(args)
-    grid = [decoders.Tree(n, g, start) for start in args.start for n in args.n for g in args.gamma if n >= args.k]
+    grid = [decoders.Tree(n, g, start, b) for start in args.start for n in args.n for g in args.gamma
+            for b in args.budget if n >= args.k and (b == 0 or args.k <= b < n * g)]
     requests = decoders.requests(args, served, test, 1)
     rows = []
     for mode in args.modes:
@@ -64,12 +69,14 @@ def benchmark(args) -> None:
               "first rejected level).", "",
               *common.table(["mode", "K", "N", "gamma", "draft start", "nodes per round (<=)", "SD ms", "ours ms",
                              "speedup", "accepted steps", "target calls", "acceptance", "acceptance by code"],
-                            [[r["mode"], r["k"], r["n"], r["gamma"], r["start"], r["n"] * r["gamma"],
+                            [[r["mode"], r["k"], r["n"], r["gamma"], r["start"], r["budget"] or r["n"] * r["gamma"],
                               f"{r['spec_ms']:.1f}", f"{r['ours_ms']:.1f}", f"{r['speedup']:.2f}x",
                               f"{r['accepted']:.2f}", f"{r['calls']:.2f}", f"{r['rate']:.2f}", r["by_code"]]
                              for r in rows])]
     starts = "" if len(args.start) == 1 else ", start {}"
-    label = lambda r: f"{r['mode']}, gamma {r['gamma']}" + starts.format(r["start"])  # noqa: E731
+    budgets = "" if len(args.budget) == 1 else ", best {}"
+    label = lambda r: (f"{r['mode']}, gamma {r['gamma']}" + starts.format(r["start"])  # noqa: E731
+                       + budgets.format(r["budget"] or "all"))
     common.plot_lines(args.plot, [("speedup vs ours", common.series(rows, label, "n", "speedup")),
                                   ("accepted steps per request", common.series(rows, label, "n", "accepted"))],
                       "N (draft beams per level)", f"{args.dataset}, K = {args.k}, batch 1, {decoders.weights(served)}")

@@ -5,11 +5,13 @@ import logging
 import math
 import time
 
+import pytest
 import torch
 from recbole.data import create_dataset, data_preparation
 
 from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.decoding.speculative import speculative_beam_search
+from atspeed_rec.errors import ConfigError
 from atspeed_rec.recbole_glue import atspeed
 from atspeed_rec.recbole_glue.atspeed import AtSpeedR, AtSpeedS
 from atspeed_rec.recbole_glue.checkpoint import load_checkpoint
@@ -135,7 +137,7 @@ def test_the_test_pass_serves_the_fastest_of_the_candidate_trees(synth_root, in_
         for batch in batches:
             model.full_sort_predict(batch)
     assert served[:12].count((20, 3)) == 4 and served[:12].count((40, 1)) == 4  # 4 requests (1 warm-up) x 3 trees
-    assert model.tree == (20, 1, 0) and set(served[12:]) == {(20, 1)}  # then served alone
+    assert model.tree == (20, 1, 0, 0) and set(served[12:]) == {(20, 1)}  # then served alone
 
 
 def test_the_tuning_warns_when_no_tree_beats_the_targets_own_search(synth_root, in_tmp_dir, monkeypatch, caplog):
@@ -265,14 +267,22 @@ def test_the_test_pass_decodes_length_groups_into_the_targets_own_lists(synth_ro
 
 
 def test_a_candidate_tree_without_a_draft_start_takes_the_configured_one():
-    assert atspeed.parse_trees([[20, 1], [30, 2, 2], (40, 1, 0)], 20, draft_start=1) == [(20, 1, 1), (30, 2, 2),
-                                                                                          (40, 1, 0)]
+    assert atspeed.parse_trees([[20, 1], [30, 2, 2], (40, 1, 0)], 20, draft_start=1) == [(20, 1, 1, 0), (30, 2, 2, 0),
+                                                                                          (40, 1, 0, 0)]
+
+
+def test_a_candidate_tree_may_carry_a_node_budget_of_at_least_k():
+    assert atspeed.parse_trees([[40, 2, 0, 50]], 20) == [(40, 2, 0, 50)]
+    refused = r"tree_candidates \[\(40, 2, 0, 10\)\]: .* a budget of 0 \(every node\) or >= 20"
+    with pytest.raises(ConfigError, match=refused):
+        atspeed.parse_trees([[40, 2, 0, 10]], 20)
 
 
 def test_candidate_trees_narrower_than_k_or_malformed_are_refused(synth_root, in_tmp_dir, capsys):
     assert run(synth_root, "AtSpeedS", in_tmp_dir / "x.json", tree_candidates="[[10,1]]") == 2
     assert "N >= num_beams=20" in capsys.readouterr().err
     assert run(synth_root, "AtSpeedS", in_tmp_dir / "y.json", tree_candidates="[20]") == 2
-    assert "not a list of [N, gamma] or [N, gamma, draft_start] trees" in capsys.readouterr().err
+    assert "not a list of [N, gamma], [N, gamma, draft_start] or [N, gamma, draft_start, budget] trees" in \
+        capsys.readouterr().err
     assert run(synth_root, "AtSpeedS", in_tmp_dir / "z.json", tree_candidates="[[20,1,-1]]") == 2
     assert "draft_start >= 0" in capsys.readouterr().err

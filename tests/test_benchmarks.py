@@ -127,6 +127,15 @@ def test_frontier_times_every_draft_tree(synth_root, in_tmp_dir):
     assert (in_tmp_dir / "plot.png").stat().st_size > 0
 
 
+def test_frontier_times_each_tree_pruned_to_each_budget_it_can_take(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--modes=strict", "--k=3", "--n=4", "--gamma=2",
+                    "--budget=0,2,3,6,8", "--requests=4", "--warmup=1")
+    assert frontier.main(argv) == 0
+    (rows,) = tables(in_tmp_dir / "table.md")
+    assert [r["nodes per round (<=)"] for r in rows] == ["8", "3", "6"]  # 2 < K; 8 is every node: skipped
+    assert all(number(r["target calls"]) >= 1 for r in rows)
+
+
 @pytest.mark.parametrize("shortcut", ["bound", "trie_fill"])
 def test_shortcuts_compares_strict_decoding_with_and_without_one_on_the_same_requests(synth_root, in_tmp_dir,
                                                                                       shortcut):

@@ -78,19 +78,21 @@ def assert_valid_distinct_sorted(result, trie, model, ids, mask):
 @SETTINGS
 @given(seed=st.integers(0, 3), k=st.sampled_from([1, 3, 10]), extra=st.sampled_from([0, 1, 7, 15]),
        gamma=st.integers(1, 3), batch=st.sampled_from([1, 3]), self_draft=st.booleans(), bound=st.booleans(),
-       start=st.sampled_from([0, 0, 1, 2, 3]))
-def test_strict_mode_returns_exactly_what_beam_search_returns(seed, k, extra, gamma, batch, self_draft, bound, start):
+       start=st.sampled_from([0, 0, 1, 2, 3]), budget=st.sampled_from([0, 0, 1, 4, 12]))
+def test_strict_mode_returns_exactly_what_beam_search_returns(seed, k, extra, gamma, batch, self_draft, bound, start,
+                                                              budget):
     codes, trie, target, draft = world(seed)
     ids, mask = prompts(codes, batch, seed)
     spec, stats = speculative_beam_search(target, target if self_draft else draft, trie, VOCAB, ids, mask,
                                           num_beams=k, draft_beams=k + extra, gamma=gamma, bound=bound,
-                                          draft_start=start)
+                                          draft_start=start, budget=budget)
     assert_same_as_beam_search(spec, beam_search(target, trie, VOCAB, ids, mask, num_beams=k))
     assert not stats.verified_at[:, :start].any()  # codes before draft_start: the target's own steps
     assert (stats.accepted_steps + stats.rounds + stats.forced_steps == 4).all()  # a round advances accepted + 1
     assert (stats.accepted_steps <= stats.drafted_levels).all()
     assert (stats.bounded_steps <= stats.accepted_steps).all() and (bound or not stats.bounded_steps.any())
-    assert (stats.filled_levels <= stats.accepted_steps).all()  # a level holding every valid pair always passes
+    if not budget:  # a level holding every valid pair always passes (a budget may prune it)
+        assert (stats.filled_levels <= stats.accepted_steps).all()
     assert_per_code_counts_add_up(stats)
 
 
@@ -223,6 +225,23 @@ def test_the_target_is_fed_no_dead_tree_nodes():
         if width >= 8:
             first = tree.codes[:, 0].masked_fill(~tree.alive[:, 0], 99).sort(-1).values[:, :8]
             assert (first == torch.arange(8)).all()
+
+
+def test_a_budget_keeps_the_best_nodes_by_draft_score_with_their_ancestors_and_the_target_feeds_only_them():
+    codes, trie, target, draft = world(2)
+    ids, mask = prompts(codes, 3, 2)
+    root = Beams(codes.new_zeros(3, 1, 0), torch.zeros(3, 1), trie.root_nodes(3, 1))
+    full, *_ = draft_tree(draft, None, mask, root, trie, VOCAB, 3, 6, "strict", prompt_ids=ids)
+    tree, *_ = draft_tree(draft, None, mask, root, trie, VOCAB, 3, 6, "strict", prompt_ids=ids, budget=7)
+    assert (tree.alive.sum((1, 2)) == 7).all() and torch.equal(tree.codes, full.codes[..., :tree.codes.shape[-1]])
+    for j in range(1, 3):  # a kept node's parent is kept
+        parent_alive = tree.alive[:, j - 1].gather(1, tree.parents[:, j])
+        assert (parent_alive | ~tree.alive[:, j]).all()
+    slots = tree.fed_slots()
+    assert slots is not None and int((slots >= 0).sum()) == int(tree.alive.flatten(1).any(0).sum())
+    _, _, kv = tree_forward(target, VOCAB, mask, root.codes, tree, prompt_ids=ids,
+                            ancestors=root.codes.new_zeros(3, 1, 0))
+    assert kv[0][0].shape[2] == ids.shape[1] + int((slots >= 0).sum())  # the prompt + the nodes live somewhere
 
 
 def test_an_adversarial_draft_still_gives_the_exact_strict_output():
@@ -380,14 +399,15 @@ def test_the_one_pass_tree_forward_equals_a_forward_per_root_to_node_path(unfed)
 
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 3), k=st.sampled_from([1, 3, 10]), extra=st.sampled_from([0, 5, 15]),
-       gamma=st.integers(1, 3), batch=st.sampled_from([1, 3]), self_draft=st.booleans())
+       gamma=st.integers(1, 3), batch=st.sampled_from([1, 3]), self_draft=st.booleans(),
+       budget=st.sampled_from([0, 0, 4, 12]))
 def test_relaxed_items_are_always_valid_distinct_and_sorted_by_target_score(seed, k, extra, gamma, batch,
-                                                                            self_draft):
+                                                                            self_draft, budget):
     codes, trie, target, draft = world(seed)
     ids, mask = prompts(codes, batch, seed)
     result, stats = speculative_beam_search(target, target if self_draft else draft, trie, VOCAB, ids, mask,
                                             num_beams=k, draft_beams=k + extra, gamma=gamma, mode="relaxed",
-                                            generator=torch.Generator().manual_seed(seed))
+                                            generator=torch.Generator().manual_seed(seed), budget=budget)
     assert_valid_distinct_sorted(result, trie, target, ids, mask)
     assert (stats.accepted_steps + stats.rounds + stats.forced_steps == 4).all()
     assert_per_code_counts_add_up(stats)

@@ -8,7 +8,9 @@ One round, for the requests at depth `cur` with H current beams (codes and TARGE
    dead ones (fewer than N valid pairs). If the tree's last level's valid (parent, code) pairs all fit in
    N, it is filled from the trie instead, with no draft pass (`trie_fill`; strict and the coupled rule):
    every pair is a node, so the level always passes (amazon-beauty: 10% of K = 1 requests at N 2; at K >= 10
-   the target's beams sit in dense clusters, whose valid 3rd codes rarely fit in the tree).
+   the target's beams sit in dense clusters, whose valid 3rd codes rarely fit in the tree). With a `budget` B,
+   only the tree's B best nodes by cumulative draft score stay (EAGLE-2's choice; a node never outscores its
+   parent, so they form a tree), and the target is fed only those.
 2. Target: ONE forward over the H beams' newest codes + the N*d tree tokens (first round: the prompt
    and the tree) with a tree attention mask (`tree.py`): its log-probs after every beam and tree node.
 3. Verify level i = 0..d. Strict: T_i = the top K of S_p(h) + log p(v | h), exactly what
@@ -74,10 +76,17 @@ class Tree(NamedTuple):
     n: int
     gamma: int
     start: int = 0
+    budget: int = 0  # > 0: only the tree's `budget` best nodes by cumulative draft score are verified
 
     @property
     def name(self) -> str:
-        return f"N {self.n} gamma {self.gamma}" + (f" from code {self.start}" if self.start else "")
+        return (f"N {self.n} gamma {self.gamma}" + (f" from code {self.start}" if self.start else "")
+                + (f", best {self.budget} nodes" if self.budget else ""))
+
+    @property
+    def written(self) -> tuple:
+        """(N, gamma, start), and the budget when there is one: the tree as `tree_candidates` writes it."""
+        return tuple(self) if self.budget else tuple(self)[:3]
 
 
 @dataclass
@@ -99,7 +108,7 @@ class SpecStats:  # totals for the batch; per-request tensors where noted
 
 def draft_tree(draft, kv, prompt_mask, beams: Beams, trie: CodeTrie, vocab: CodeVocab, depth: int, width: int,
                mode: str, generator=None, temperature: float = 1.0, prompt_ids=None, trie_fill: bool = False,
-               states=None):
+               states=None, budget: int = 0):
     """`depth` levels of width-`width` beam search from the current beams, starting from their TARGET scores.
 
     Level j is one draft pass (`tree_forward`) over the beam paths + the j levels grown so far after the
@@ -115,6 +124,7 @@ def draft_tree(draft, kv, prompt_mask, beams: Beams, trie: CodeTrie, vocab: Code
     tree = DraftTree.empty(G, width, beams.codes.device)
     scores, nodes = beams.scores, beams.nodes  # [G, h]
     calls = filled = 0
+    level_scores = []  # [G, N] per level: each node's cumulative draft score
     for j in range(depth):
         valid = None
         if trie_fill and j == depth - 1:  # [G, h, C] the last level's (live parent, code) pairs the trie allows
@@ -140,6 +150,9 @@ def draft_tree(draft, kv, prompt_mask, beams: Beams, trie: CodeTrie, vocab: Code
         live = scores > NEG_INF
         nodes = torch.where(live, trie.step(nodes.gather(1, parent), code, cur + j), 0)  # [G, N]
         tree = tree.grow(parent, code, live, logq, noise)
+        level_scores.append(scores)
+    if budget and tree.depth:
+        tree = tree.pruned(torch.stack(level_scores, 1), budget)
     return tree.trimmed(), kv, calls, filled
 
 
@@ -321,6 +334,7 @@ def verify(lp_beams, lp_tree, tree: DraftTree, beams: Beams, fed, tree_start: in
     running = torch.ones(G, dtype=torch.bool, device=lp_beams.device)
     bounded = torch.zeros(G, dtype=torch.long, device=lp_beams.device)
     where = torch.arange(H, device=lp_beams.device).expand(G, H)  # [G, h] beams' indices in level 0's parent space
+    slots = tree.fed_slots()  # the nodes' places among the fed tree tokens (None: node j*N + n at j*N + n)
     code_lp = masked_code_logprobs(lp_beams, vocab, trie, beams.nodes, cur)  # [G, h, C]
     for i in range(tree.depth + 1):
         drafted = tree.level(i) if i < tree.depth else None  # i == d: the bonus level
@@ -339,7 +353,8 @@ def verify(lp_beams, lp_tree, tree: DraftTree, beams: Beams, fed, tree_start: in
         running = running & go_on
         if not running.any():
             break
-        fed = torch.cat([fed, (tree_start + i * tree.codes.shape[-1] + where).unsqueeze(-1)], -1)  # + accepted node
+        index = i * tree.codes.shape[-1] + where  # [G, K] the accepted nodes (j, n) as j*N + n
+        fed = torch.cat([fed, (tree_start + (index if slots is None else slots[index])).unsqueeze(-1)], -1)
         code_lp = next_lp if next_lp is not None else masked_code_logprobs(
             _node_logprobs(lp_tree, i, where), vocab, trie, beams.nodes, cur + i + 1)
     codes, scores, nodes, advanced, fed = out
@@ -372,7 +387,7 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
                             mode: str = "strict", generator=None, temperature: float = 1.0,
                             last_level: str = "top_k", bound: bool = True,
                             relaxed_rule: str = "coupled", draft_start: int = 0,
-                            trie_fill: bool = True) -> tuple[BeamResult, SpecStats]:
+                            trie_fill: bool = True, budget: int = 0) -> tuple[BeamResult, SpecStats]:
     """Top-`num_beams` valid items per left-padded prompt `input_ids [B, P]`, by speculative beam search.
 
     strict: the same items, order and scores (up to float noise) as `beam_search(target, ...)`; with `bound`
@@ -445,7 +460,8 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
         with record_function(STAGES["draft"]):
             states = early.hidden[rows] if encode and split else None
             tree, kv, draft_calls, filled = draft_tree(draft, kv, mask, beams, trie, vocab, d, N, mode, generator,
-                                                       temperature, input_ids[rows] if encode else None, fill, states)
+                                                       temperature, input_ids[rows] if encode else None, fill, states,
+                                                       budget)
         if encode and draft_calls:  # every request still decoding is in this round (each round before it
             draft_kv = kv if G == B else scatter_rows(kv, rows, B)  # advanced all its rows alike: by 1, or by 2)
         stats.draft_calls += draft_calls

@@ -51,15 +51,38 @@ class DraftTree:
                          self.logq + ([] if logq is None else [logq]), self.noise + ([] if noise is None else [noise]))
 
     def trimmed(self) -> "DraftTree":
-        """The tree without the dead nodes no level needs: a level's nodes are drawn best first and dead ones
-        score -inf, so they come last; keeping the most live nodes of any level (and request) keeps every
-        live node, and their parents' indices. The target then feeds no padding nodes."""
+        """The tree without the dead tail no level needs: the columns after the last live node of any level
+        (and request); a level's nodes are drawn best first and dead ones score -inf, so they come last. Parents'
+        indices stay valid, and the target feeds no padding nodes (nor, `fed_slots`, any other dead column)."""
         if self.depth == 0:
             return self
-        n = int(self.alive.sum(-1).max())
+        live = self.alive.flatten(0, 1).any(0)  # [N]
+        n = int(live.nonzero().max()) + 1 if live.any() else 0
         if n == self.codes.shape[-1]:
             return self
         return DraftTree(self.parents[..., :n], self.codes[..., :n], self.alive[..., :n], self.logq, self.noise)
+
+    def fed_slots(self) -> torch.Tensor | None:
+        """`[dN]` each node's index among the tree tokens a pass feeds (`tree_inputs` feeds a node only if it is
+        live in some request): dead columns go unfed, so a tree pruned by `pruned` costs only its live nodes.
+        None when every node is fed."""
+        live = self.alive.flatten(1).any(0)  # [dN]
+        if bool(live.all()):
+            return None
+        return torch.where(live, live.long().cumsum(0) - 1, -1)
+
+    def pruned(self, scores: torch.Tensor, budget: int) -> "DraftTree":
+        """The tree with only its `budget` best nodes by `scores [G, d, N]` (each node's cumulative draft score)
+        alive in each request. A child never scores above its parent (log q <= 0) and ties go to the shallower
+        node, so the kept nodes hold every kept node's ancestors."""
+        G, d, N = self.codes.shape
+        flat = scores.masked_fill(~self.alive, float("-inf")).flatten(1)  # [G, dN]
+        if budget >= d * N:
+            return self
+        order = flat.argsort(dim=-1, descending=True, stable=True)[:, :budget]  # ties: the lower index (level) first
+        keep = torch.zeros_like(self.alive.flatten(1)).scatter_(1, order, True).view(G, d, N)
+        alive = self.alive & keep
+        return DraftTree(self.parents.masked_fill(~alive, 0), self.codes, alive, self.logq, self.noise)  # as padding
 
     def level(self, j: int) -> "DraftLevel":
         """Level j's nodes; q_j and its noise are None in strict mode."""
@@ -140,6 +163,15 @@ def tree_inputs(vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes: torch.T
     else:
         last = torch.arange(H, device=dev) * fed + fed - 1
     keep = torch.cat([last, H * fed + torch.arange(d * N, device=dev)])
+    slots = tree.fed_slots()
+    if slots is not None:  # feed no node that is dead in every request (its output row: any fed token's)
+        n_path = H * fed
+        cols = torch.cat([torch.arange(n_path, device=dev), n_path + (slots >= 0).nonzero().flatten()])
+        tokens, positions = tokens[:, cols], positions[:, cols]
+        new_vis = new_vis[:, cols][:, :, cols]
+        prompt_vis = prompt_vis[:, cols]
+        Q = len(cols)
+        keep = torch.cat([last, n_path + slots.clamp(min=0)])
     if prompt_ids is None:
         vis = torch.cat([prompt_vis, new_vis], -1)  # [G, Q, T + Q]
     else:  # the prompt's last F tokens are fed too (the first P - F, a shared prefix, are the cache)

@@ -49,23 +49,25 @@ ALIGN_KEYS = ("align_loss", "alpha", "tau", "beta", "distillspec_divergence", "f
 
 
 def parse_trees(value, num_beams: int, draft_start: int = 0) -> list[Tree]:
-    """`tree_candidates` as (N, gamma, draft_start) trees, each servable by the K = `num_beams` search; a
-    candidate [N, gamma] takes the configured `draft_start`."""
+    """`tree_candidates` as (N, gamma, draft_start, budget) trees, each servable by the K = `num_beams` search; a
+    candidate [N, gamma] takes the configured `draft_start`, and one without a budget verifies all its nodes."""
     trees = []
     try:
         for tree in value or []:
-            if not 2 <= len(tree) <= 3:
+            if not 2 <= len(tree) <= 4:
                 raise ValueError(tree)
-            n, gamma, *start = (int(x) for x in tree)
-            trees.append(Tree(n, gamma, start[0] if start else int(draft_start)))
+            n, gamma, *rest = (int(x) for x in tree)
+            trees.append(Tree(n, gamma, *(rest or [int(draft_start)])))
     except (TypeError, ValueError):
-        raise ConfigError(f"tree_candidates={value!r} is not a list of [N, gamma] or [N, gamma, draft_start] trees; "
-                          "fix: e.g. --tree_candidates='[[20,1],[40,1],[20,1,2]]', or [] to serve draft_beams, "
-                          "gamma and draft_start") from None
-    bad = [tuple(tree) for tree in trees if tree.n < num_beams or tree.gamma < 1 or tree.start < 0]
+        raise ConfigError(f"tree_candidates={value!r} is not a list of [N, gamma], [N, gamma, draft_start] or "
+                          "[N, gamma, draft_start, budget] trees; fix: e.g. --tree_candidates='[[20,1],[40,1],"
+                          "[20,1,2],[40,2,0,50]]', or [] to serve draft_beams, gamma and draft_start") from None
+    bad = [tree.written for tree in trees if tree.n < num_beams or tree.gamma < 1 or tree.start < 0
+           or 0 < tree.budget < num_beams or tree.budget < 0]
     if bad:
-        raise ConfigError(f"tree_candidates {bad}: every tree needs N >= num_beams={num_beams}, gamma >= 1 and "
-                          f"draft_start >= 0; fix: drop them or raise their N to {num_beams}")
+        raise ConfigError(f"tree_candidates {bad}: every tree needs N >= num_beams={num_beams}, gamma >= 1, "
+                          f"draft_start >= 0 and a budget of 0 (every node) or >= {num_beams}; fix: drop them or "
+                          f"raise their N (and budget) to {num_beams}")
     return trees
 
 
@@ -141,7 +143,7 @@ class AtSpeedS(ProjectModel):
     def decoding(self) -> str:
         temperature = (f", rule={self.relaxed_rule}, temperature={self.temperature:g}, last code: {self.last_level}"
                        if self.verification == "relaxed" else "")
-        n, gamma, start = self.tree
+        n, gamma, start, _ = self.tree
         return (f"{self.verification} speculative beam search: K={self.num_beams}, N={n}, gamma={gamma}, "
                 f"draft_start={start}{temperature}")
 
@@ -154,13 +156,13 @@ class AtSpeedS(ProjectModel):
     def speculative(self, input_ids, mask):
         self.eval_generator(input_ids.device)
         if self.phase == "valid":  # the draft's agreement with the target at every code, whatever the serving tree
-            (n, gamma), start, mode = self.valid_tree, 0, "strict"
+            (n, gamma), start, budget, mode = self.valid_tree, 0, 0, "strict"
         else:
-            (n, gamma, start), mode = self.tree, self.verification
+            (n, gamma, start, budget), mode = self.tree, self.verification
         return speculative_beam_search(
             self.target.lm, self.draft, self.target.trie, self.target.vocab, input_ids, mask,
             self.eval_beams, n, gamma, mode=mode, generator=self.generator, temperature=self.temperature,
-            last_level=self.last_level, relaxed_rule=self.relaxed_rule, draft_start=start)
+            last_level=self.last_level, relaxed_rule=self.relaxed_rule, draft_start=start, budget=budget)
 
     def full_sort_predict(self, interaction):
         input_ids, mask = self.target.prompt(interaction)
@@ -203,11 +205,11 @@ class AtSpeedS(ProjectModel):
 
     def serve_alone(self, ids, mask, tree: Tree, generator):
         """One test request `[1, P]` decoded as served (mode, K, temperature) on the tree (N, gamma, draft_start)."""
-        n, gamma, start = tree
+        n, gamma, start, budget = tree
         return speculative_beam_search(self.target.lm, self.draft, self.target.trie, self.target.vocab, ids, mask,
                                        self.num_beams, n, gamma, mode=self.verification, generator=generator,
                                        temperature=self.temperature, last_level=self.last_level,
-                                       relaxed_rule=self.relaxed_rule, draft_start=start)
+                                       relaxed_rule=self.relaxed_rule, draft_start=start, budget=budget)
 
     def target_alone(self, ids, mask):
         """One test request `[1, P]` decoded by the target's own beam search at the served K: what

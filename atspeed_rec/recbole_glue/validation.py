@@ -205,7 +205,7 @@ def check_draft_start(levels: int, draft_start: int, candidates) -> None:
         raise ConfigError(f"draft_start={draft_start} with sid_levels={levels}: the draft would propose no code before "
                           f"the last one, which the target never feeds, so speculation would save no target call; "
                           f"fix: --draft_start={latest} or lower")
-    late = [tuple(tree) for tree in candidates if tree.start > latest]
+    late = [tree.written for tree in candidates if tree.start > latest]
     if late:
         raise ConfigError(f"tree_candidates {late} with sid_levels={levels}: a tree drafting from code {latest + 1} "
                           f"or later proposes only the last code, which saves no target call; fix: give them a "
