@@ -20,7 +20,6 @@ from atspeed_rec.alignment.positions import allowed_along, beam_code_logits
 from atspeed_rec.alignment.teacher import SampleIndex
 from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.errors import ConfigError
-from atspeed_rec.models.state_draft import source_of
 
 
 @dataclass(frozen=True)
@@ -63,14 +62,8 @@ class AlignConfig:
 
 
 def draft_loss(cfg: AlignConfig, target, draft, interaction, samples: SampleIndex | None) -> torch.Tensor:
-    """The draft's loss on one RecBole training batch; `target` is the frozen GenRec.
-
-    An early-layer draft (`models/state_draft.py`) reads every window token as the target's state, which
-    is how it reads a prompt when serving, so before an item's 1st code only: its later codes follow codes
-    it drafted, read by its own rows. Aligned, it learns those codes from L_align alone, whose positions
-    lay the codes out as served (`positions.beam_code_logits`)."""
-    first_only = source_of(draft) is not None and cfg.aligned
-    ce = target.window_loss(draft, interaction, first_codes_only=first_only)
+    """The draft's loss on one RecBole training batch; `target` is the frozen GenRec."""
+    ce = target.window_loss(draft, interaction)
     if not cfg.aligned or samples is None:
         return ce
     idx = samples.lookup(interaction[target.USER_ID], interaction[target.POS_ITEM_ID],

@@ -13,7 +13,6 @@ import torch
 
 from atspeed_rec.decoding.tree import DraftTree, tree_inputs
 from atspeed_rec.models.fast_forward import hidden_code_logits, lm_dtype
-from atspeed_rec.models.state_draft import forward_inputs
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -38,8 +37,8 @@ def beam_code_logits(model, vocab: CodeVocab, input_ids: torch.Tensor, mask: tor
     empty = codes.new_zeros(G, 1, 0)  # no current beam: the tree grows from the prompt
     tokens, positions, attn, keep = tree_inputs(vocab, mask, empty, beam_tree(codes), prompt_ids=input_ids,
                                                 dtype=lm_dtype(model))
-    inputs = forward_inputs(model, tokens, attn, positions, prompt_len=input_ids.shape[1])
-    logits = hidden_code_logits(model, vocab, keep, **inputs)  # [G, 1 + (L-1)K, L*C]: after the prompt, then every node
+    logits = hidden_code_logits(model, vocab, keep, input_ids=tokens, attention_mask=attn,
+                                position_ids=positions)  # [G, 1 + (L-1)K, L*C]: after the prompt, then every node
     root = logits[:, :1].expand(G, K, -1).unsqueeze(2)  # [G, K, 1, L*C]
     nodes = logits[:, 1:].view(G, L - 1, K, -1).transpose(1, 2)  # [G, K, L-1, L*C]
     per_level = torch.cat([root, nodes], dim=2)  # [G, K, L, L*C]

@@ -38,9 +38,7 @@ fed (the tree included; rows of other rounds get padding): a new beam's codes ar
 the accepted nodes' and the new one, so only the newest is fed, the others are found by cache index.
 The draft keeps only its prompt KV (encoded by its first pass, in the first round it drafts) and
 re-feeds the beam paths and the tree grown so far at each level: it is tiny, its cost is per call, and
-a few dozen re-fed tokens cost it less than the bookkeeping. An early-layer draft (`models/state_draft.py`)
-reads the prompts as the target's states after its first m blocks: the first round runs those blocks over
-the prompts before the draft, and the target's first pass goes on from them (the same work as one pass).
+a few dozen re-fed tokens cost it less than the bookkeeping.
 
 `draft_start` skips the draft where it is weakest: a draft level pays only when it is accepted often
 enough to save a target call (on 2 CPU cores a tree token costs ~1 ms of target time, a call ~40 ms),
@@ -62,9 +60,8 @@ from torch.profiler import record_function
 from atspeed_rec.decoding.beam_search import (NEG_INF, STAGES, BeamResult, Beams, extend_beams, forced_completion,
                                               masked_code_logprobs, padded_topk, select_top_k)
 from atspeed_rec.decoding.sampling import check_last_level, gumbel, gumbel_top_k, sample_top_k, sort_beams
-from atspeed_rec.decoding.tree import DraftTree, cache_rows, prompt_states, tree_forward
+from atspeed_rec.decoding.tree import DraftTree, cache_rows, tree_forward
 from atspeed_rec.models.prefix_cache import split_prefix
-from atspeed_rec.models.state_draft import source_of
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -108,7 +105,7 @@ class SpecStats:  # totals for the batch; per-request tensors where noted
 
 def draft_tree(draft, kv, prompt_mask, beams: Beams, trie: CodeTrie, vocab: CodeVocab, depth: int, width: int,
                mode: str, generator=None, temperature: float = 1.0, prompt_ids=None, trie_fill: bool = False,
-               states=None, budget: int = 0):
+               budget: int = 0):
     """`depth` levels of width-`width` beam search from the current beams, starting from their TARGET scores.
 
     Level j is one draft pass (`tree_forward`) over the beam paths + the j levels grown so far after the
@@ -116,7 +113,6 @@ def draft_tree(draft, kv, prompt_mask, beams: Beams, trie: CodeTrie, vocab: Code
     prompts' shared prefix). With `trie_fill`, the last level, if its valid (parent, code) pairs all fit in
     `width` (in every request), needs no pass: its nodes are all those pairs, so the target's choice is always
     drafted. (Only the last: a level after a filled one would rank its nodes by draft scores it lacks.)
-    `states`: what an early-layer draft reads at the prompt tokens (`tree.source_states`), for the first pass.
     Returns the tree without its dead tail (`DraftTree.trimmed`), the prompt's KV (`kv` itself while no pass
     encoded it), the draft passes made and the levels filled from the trie.
     """
@@ -135,7 +131,7 @@ def draft_tree(draft, kv, prompt_mask, beams: Beams, trie: CodeTrie, vocab: Code
         else:
             first = calls == 0
             lp_beams, lp_tree, kv = tree_forward(draft, vocab, prompt_mask, beams.codes, tree, kv,
-                                                 prompt_ids if first else None, states=states if first else None)
+                                                 prompt_ids if first else None)
             calls += 1
             logprobs = lp_tree[:, -1] if j else lp_beams  # [G, h, L * C] after the newest level's nodes
             code_lp = masked_code_logprobs(logprobs, vocab, trie, nodes, cur + j)  # [G, h, C]
@@ -413,8 +409,6 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
     fill = trie_fill and (mode == "strict" or relaxed_rule == "coupled")
     dev = input_ids.device
     input_ids, attention_mask, prefix = split_prefix([target, draft], vocab, input_ids, attention_mask)
-    source = source_of(draft)  # (target, m): the draft reads the prompts as the target's states after m blocks
-    split = source is not None and source[0] is target  # then the target's first pass starts from those states
     codes = input_ids.new_zeros(B, K, L)
     scores = torch.full((B, K), NEG_INF, device=dev)
     nodes = input_ids.new_zeros(B, K)
@@ -427,7 +421,6 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
                       bounded_steps=input_ids.new_zeros(B))
     position = torch.arange(L, device=dev)  # code positions
     target_kv = draft_kv = None  # the target's: every token fed (rows in other rounds get padding); the draft's: prompts
-    early = None  # with an early-layer draft: every prompt through the target's first m blocks (first round)
     calls = 0
     while (depth < L).any():
         cur = int(depth[depth < L].min())
@@ -455,13 +448,9 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
             kv = None if prefix is None else cache_rows(prefix[1], rows)
         else:
             kv = None if draft_kv is None else cache_rows(draft_kv, rows)
-        if first and split:  # every request: the prompts through the target's first m blocks, shared by both
-            early = prompt_states(target, vocab, mask, ids, None if prefix is None else prefix[0], source[1])
         with record_function(STAGES["draft"]):
-            states = early.hidden[rows] if encode and split else None
             tree, kv, draft_calls, filled = draft_tree(draft, kv, mask, beams, trie, vocab, d, N, mode, generator,
-                                                       temperature, input_ids[rows] if encode else None, fill, states,
-                                                       budget)
+                                                       temperature, input_ids[rows] if encode else None, fill, budget)
         if encode and draft_calls:  # every request still decoding is in this round (each round before it
             draft_kv = kv if G == B else scatter_rows(kv, rows, B)  # advanced all its rows alike: by 1, or by 2)
         stats.draft_calls += draft_calls
@@ -471,8 +460,7 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
                 target_kv = None if prefix is None else prefix[0]
             lp_beams, lp_tree, kv_t = tree_forward(target, vocab, mask, beams.codes, tree,
                                                    None if target_kv is None else cache_rows(target_kv, rows), ids,
-                                                   fed[rows, :H, :max(cur - 1, 0)],  # [G, H, cur - 1]
-                                                   early if first and split else None)
+                                                   fed[rows, :H, :max(cur - 1, 0)])  # [G, H, cur - 1]
             target_kv = kv_t if G == B else grow_rows(target_kv, kv_t, rows)
         calls += 1
         with record_function(STAGES["verify"]):

@@ -2,7 +2,7 @@
 
 The input (per request) is [the prompt, unless it is cached] + the H current beams' code paths
 (H chains of `cur` tokens, or only each beam's newest code when the cache keeps the earlier ones)
-+ the N*d tree tokens (level j, node n at index j*N + n). Every token sees the request's non-pad
++ the N*d tree tokens (level j, node n at index j*N + n; columns dead in every request are not fed). Every token sees the request's non-pad
 prompt, its own ancestors (fed now or found in the cache by index) and itself; its position id is
 the prompt's last position + 1 + its depth. Beam search feeds its beams' newest codes with an empty
 tree; the draft re-feeds the beams + the levels it has grown so far after its prompt cache; the
@@ -19,9 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from atspeed_rec.models.fast_forward import KV, EarlyStates, additive_mask, early_states, lm_dtype, lm_forward
-from atspeed_rec.models.prefix_cache import prefix_kv
-from atspeed_rec.models.state_draft import prompt_embeds, source_of
+from atspeed_rec.models.fast_forward import KV, additive_mask, lm_dtype, lm_forward
 from atspeed_rec.models.vocab import CodeVocab
 
 
@@ -193,33 +191,9 @@ def cache_rows(kv: KV, rows: torch.Tensor) -> KV:
     return [(k[rows], v[rows]) for k, v in kv]
 
 
-def prompt_states(model, vocab: CodeVocab, prompt_mask: torch.Tensor, prompt_ids: torch.Tensor, kv: KV | None,
-                  layers: int) -> EarlyStates:
-    """The prompts `prompt_ids [G, F]` (after the cached prefix `kv`, or none) through the first `layers`
-    blocks of `model`: where its next pass over them (`tree_forward`'s `early`) goes on."""
-    G = prompt_ids.shape[0]
-    tokens, positions, mask, _ = tree_inputs(vocab, prompt_mask, prompt_ids.new_zeros(G, 1, 0),
-                                             DraftTree.empty(G, device=prompt_ids.device), prompt_ids, lm_dtype(model))
-    return early_states(model, tokens, positions, mask, kv, layers)
-
-
-def source_states(draft, vocab: CodeVocab, prompt_mask: torch.Tensor, prompt_ids: torch.Tensor,
-                  cached: bool) -> torch.Tensor:
-    """`[G, F, D]` what an early-layer draft reads at the prompt tokens `prompt_ids` (`models/state_draft.py`):
-    its target's states after its source layer, after the target's own prefix KV when the prompts follow
-    a `cached` shared prefix."""
-    target, layers = source_of(draft)
-    kv = None
-    if cached:
-        G = prompt_ids.shape[0]
-        kv = [(k.expand(G, -1, -1, -1), v.expand(G, -1, -1, -1)) for k, v in prefix_kv(target, vocab)]
-    return prompt_states(target, vocab, prompt_mask, prompt_ids, kv, layers).hidden
-
-
 def tree_forward(model, vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes: torch.Tensor,
                  tree: DraftTree, kv: KV | None = None, prompt_ids: torch.Tensor | None = None,
-                 ancestors: torch.Tensor | None = None, early: EarlyStates | None = None,
-                 states: torch.Tensor | None = None):
+                 ancestors: torch.Tensor | None = None):
     """ONE pass of `model` over beam paths `[G, H, cur]` + tree after the cache `kv`, or after the
     prompt `prompt_ids` fed in the same pass (kv None, or the prompts' shared prefix from
     `prefix_cache.split_prefix`; the whole paths follow it: the draft's first pass, in the first round it
@@ -230,23 +204,15 @@ def tree_forward(model, vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes:
     With `ancestors [G, H, c]`, `kv` holds every token fed before (each beam's first c codes at those
     indices), only the f = cur - c codes after them are fed (usually the newest), and the cache is
     returned grown by this pass's tokens (the prompt first if fed, then beam h's codes at h*f..h*f+f-1,
-    then tree node (j, n) at H*f + jN + n). Log-probs of the codes after each beam `[G, H, L * C]`
+    then tree node (j, n) at H*f + jN + n, or at H*f + `tree.fed_slots()`[jN + n] when columns dead in every
+    request are left out). Log-probs of the codes after each beam `[G, H, L * C]`
     (after the prompt when cur == 0) and after each tree node `[G, d, N, L * C]`.
-
-    With `prompt_ids`: `early`, the prompts already through the model's first m blocks (`prompt_states`):
-    the pass goes on from there; an early-layer draft reads `states [G, F, D]`, its target's states at the
-    prompt tokens (computed here when not given: `source_states`).
     """
     G, H, _ = beam_codes.shape
     _, d, N = tree.codes.shape
     tokens, positions, mask, keep = tree_inputs(vocab, prompt_mask, beam_codes, tree, prompt_ids,
                                                 lm_dtype(model), ancestors, kv[0][0].shape[2] if kv else 0)
-    embeds = None
-    if prompt_ids is not None and source_of(model) is not None:
-        if states is None:
-            states = source_states(model, vocab, prompt_mask, prompt_ids, kv is not None)
-        embeds = prompt_embeds(model, states)
-    logits, grown = lm_forward(model, vocab, tokens, positions, mask, kv, keep, early, embeds)
+    logits, grown = lm_forward(model, vocab, tokens, positions, mask, kv, keep)
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # [G, H + dN, L * C]
     if ancestors is not None:
         kv = grown

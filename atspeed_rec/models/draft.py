@@ -8,16 +8,13 @@ import torch
 
 from atspeed_rec.errors import ConfigError
 from atspeed_rec.models.lm import build_lm
-from atspeed_rec.models.state_draft import attach_source
 from atspeed_rec.models.vocab import CodeVocab
 
 
 def build_draft(config, vocab: CodeVocab, target_lm):
-    """The `draft_*`-sized Llama for `vocab`, reading its prompts as `target_lm`'s states after
-    `draft_source_layer` blocks when that is > 0 (`state_draft.py`), with the weights of `draft_checkpoint`
+    """The `draft_*`-sized Llama for `vocab` (the tokens of `target_lm`), with the weights of `draft_checkpoint`
     when given."""
     draft = build_lm(config, vocab, prefix="draft_")
-    attach_source(draft, target_lm, int(config["draft_source_layer"] or 0))
     if config["draft_checkpoint"]:  # a draft trained elsewhere: its vocabulary must be the target's
         load_draft(draft, Path(config["draft_checkpoint"]), target_lm.config.vocab_size)
     check_same_vocab(target_lm, draft)

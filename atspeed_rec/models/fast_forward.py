@@ -12,8 +12,6 @@ Equality with transformers' forward is a test (`tests/test_fast_forward.py`).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -74,13 +72,6 @@ def causal_prompt_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torc
     return additive_mask(causal | (i == i.unsqueeze(1)), dtype)
 
 
-class EarlyStates(NamedTuple):
-    """A prompt already run through a model's first `layers` blocks: where the rest of the pass starts from."""
-    hidden: torch.Tensor  # [B, F, D] the residual stream of the F prompt tokens after `layers` blocks
-    kv: KV  # the cache (the cached tokens + the F prompt tokens) of those blocks
-    layers: int
-
-
 def run_blocks(decoder, fused, layers: range, h, cos, sin, mask, kv: KV | None):
     """The decoder blocks `layers` over `h [B, Q, D]` after the cache `kv` (one entry per block in `layers`);
     returns h and the grown cache of those blocks."""
@@ -110,48 +101,19 @@ def run_blocks(decoder, fused, layers: range, h, cos, sin, mask, kv: KV | None):
 
 
 @torch.no_grad()
-def early_states(model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, kv: KV | None,
-                 layers: int) -> EarlyStates:
-    """`tokens [B, F]` through the first `layers` blocks of `model` only (after the cache `kv` of those blocks
-    or of all, `mask [B, 1, F, T + F]`): what an early-layer draft reads, and where `lm_forward` goes on."""
-    decoder, _ = llama_parts(model)
-    h = decoder.embed_tokens(tokens)  # [B, F, D]
-    cos, sin = decoder.rotary_emb(h, positions)
-    h, new_kv = run_blocks(decoder, fused_blocks(decoder), range(layers), h, cos, sin, mask,
-                        None if kv is None else kv[:layers])
-    return EarlyStates(h, new_kv, layers)
-
-
-@torch.no_grad()
 def lm_forward(model, vocab: CodeVocab, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-               kv: KV | None = None, keep: torch.Tensor | int | None = None, early: EarlyStates | None = None,
-               embeds: torch.Tensor | None = None):
+               kv: KV | None = None, keep: torch.Tensor | int | None = None):
     """Code logits after `tokens [B, Q]` (at query indices `keep`, or the last `keep` if an int) and
     the KV cache grown by the Q tokens.
 
     positions: `[B, Q]` position ids; mask: additive `[B, 1, Q, T + Q]` over (cache, new tokens);
-    kv: the cache of T tokens, or None. With `early`, the first F tokens already went through the first
-    m blocks (`early_states`, after the same cache): those blocks run over the other Q - F tokens only,
-    after `early.kv`, and the rest over all Q from `early.hidden` on (the same pass, split at block m).
-    `embeds [B, F, D]`: the first F tokens' inputs instead of their embeddings (an early-layer draft's
-    prompt, `models/state_draft.py`). Returns logits `[B, len(keep), L * C]` and the new KV.
+    kv: the cache of T tokens, or None. Returns logits `[B, len(keep), L * C]` and the new KV.
     """
     decoder, _ = llama_parts(model)
     fused = fused_blocks(decoder)  # [n_layers] of 4 matmuls each, or None: call the modules
-    h = decoder.embed_tokens(tokens if embeds is None else tokens[:, embeds.shape[1]:])  # [B, Q (- F), D]
-    if embeds is not None:
-        h = torch.cat([embeds.to(h.dtype), h], 1)  # [B, Q, D]
+    h = decoder.embed_tokens(tokens)  # [B, Q, D]
     cos, sin = decoder.rotary_emb(h, positions)
-    n, m = len(decoder.layers), 0 if early is None else early.layers
-    if m:  # the other tokens catch up through the first m blocks, then everything runs on together
-        f = early.hidden.shape[1]
-        low, low_kv = h[:, f:], early.kv
-        if low.shape[1]:  # (none when the first round drafts nothing)
-            low, low_kv = run_blocks(decoder, fused, range(m), low, cos[:, f:], sin[:, f:], mask[:, :, f:], early.kv)
-        h = torch.cat([early.hidden, low], 1)
-    h, new_kv = run_blocks(decoder, fused, range(m, n), h, cos, sin, mask, None if kv is None else kv[m:])
-    if m:
-        new_kv = low_kv + new_kv
+    h, new_kv = run_blocks(decoder, fused, range(len(decoder.layers)), h, cos, sin, mask, kv)
     if keep is not None:
         h = h[:, -keep:] if isinstance(keep, int) else h[:, keep]
     return code_logits(model, vocab, decoder.norm(h)), new_kv

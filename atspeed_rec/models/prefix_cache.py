@@ -23,9 +23,8 @@ import weakref
 
 import torch
 
-from atspeed_rec.models.fast_forward import KV, causal_prompt_mask, early_states, llama_parts, lm_dtype, lm_forward
+from atspeed_rec.models.fast_forward import KV, causal_prompt_mask, llama_parts, lm_dtype, lm_forward
 from atspeed_rec.models.fused import fused_blocks
-from atspeed_rec.models.state_draft import decoder_source, prompt_embeds, source_of
 from atspeed_rec.models.vocab import CodeVocab
 
 _KV: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> (sources, state, prefix KV [1, ...])
@@ -56,11 +55,9 @@ def whole_prompts(model):
 
 def _sources(decoder) -> tuple[list[torch.Tensor], list]:
     """The tensors and the LoRA layers the prefix's KV is computed from (listed once: walking the modules
-    on every request cost ~3 ms on SmolLM2): an early-layer draft's include its target's."""
-    source = decoder_source(decoder)
-    decoders = [decoder] + ([llama_parts(source[0])[0]] if source else [])
-    loras = [m for d in decoders for m in d.modules() if hasattr(m, "active_adapters") and hasattr(m, "merged")]
-    return [p for d in decoders for p in d.parameters()], loras
+    on every request cost ~3 ms on SmolLM2)."""
+    loras = [m for m in decoder.modules() if hasattr(m, "active_adapters") and hasattr(m, "merged")]
+    return list(decoder.parameters()), loras
 
 
 def _state(decoder, params, loras) -> tuple:
@@ -83,12 +80,7 @@ def prefix_kv(model, vocab: CodeVocab) -> KV:
         p = tokens.shape[1]
         mask = causal_prompt_mask(torch.ones(1, p, dtype=torch.bool, device=device), lm_dtype(model))
         positions = torch.arange(p, device=device).unsqueeze(0)
-        source, embeds = source_of(model), None
-        if source is not None:  # an early-layer draft reads the prefix as its target's states
-            target, layers = source
-            target_mask = causal_prompt_mask(torch.ones(1, p, dtype=torch.bool, device=device), lm_dtype(target))
-            embeds = prompt_embeds(model, early_states(target, tokens, positions, target_mask, None, layers).hidden)
-        _, kv = lm_forward(model, vocab, tokens, positions, mask, None, keep=1, embeds=embeds)
+        _, kv = lm_forward(model, vocab, tokens, positions, mask, None, keep=1)
         _KV[decoder] = (params, loras, now, kv)
     return kv
 

@@ -37,7 +37,7 @@ from atspeed_rec.recbole_glue.base import ProjectModel
 from atspeed_rec.recbole_glue.genrec import GenRec, beams_to_scores, by_length, trim_left
 from atspeed_rec.recbole_glue.metrics import SpecMeter, timed
 
-DRAFT_KEYS = ("draft_n_layers", "draft_hidden_size", "draft_n_heads", "draft_inner_size", "draft_source_layer",
+DRAFT_KEYS = ("draft_n_layers", "draft_hidden_size", "draft_n_heads", "draft_inner_size",
               "draft_dropout_prob", "draft_tie_embeddings", "draft_learning_rate", "draft_weight_decay",
               "draft_epochs", "draft_eval_step", "draft_checkpoint",
               "draft_valid_beams", "draft_valid_requests", "draft_valid_width",

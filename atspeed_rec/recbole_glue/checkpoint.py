@@ -26,7 +26,7 @@ TRAIN_KEYS = ("epochs", "learning_rate", "weight_decay", "train_batch_size", "st
 
 
 # Properties hashed only when set: checkpoints trained before they existed keep their names.
-OPTIONAL_KEYS = ("backbone_learning_rate", "draft_source_layer", "first_code_kl")
+OPTIONAL_KEYS = ("backbone_learning_rate", "first_code_kl")
 
 
 def config_key(config, keys) -> str:

@@ -27,7 +27,6 @@ from atspeed_rec.models.precision import resolve_dtype
 from atspeed_rec.models.prefix_cache import register_prefix
 from atspeed_rec.models.pretrained import build_pretrained, save_trained_part_only
 from atspeed_rec.models.sequences import TrainingWindows
-from atspeed_rec.models.state_draft import forward_inputs
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.recbole_glue.base import ProjectModel
 from atspeed_rec.recbole_glue.checkpoint import DATA_KEYS, TRAIN_KEYS
@@ -148,9 +147,8 @@ class GenRec(ProjectModel):
         """
         return self.compiled.run(lambda: self.window_loss(self.lm, interaction))
 
-    def window_loss(self, lm, interaction, first_codes_only: bool = False):
-        """Mean next-code cross-entropy of `lm` (the target, or a draft) over the batch's windows, at every
-        code or at each item's 1st code only.
+    def window_loss(self, lm, interaction):
+        """Mean next-code cross-entropy of `lm` (the target, or a draft) over the batch's windows.
 
         Rows are `[prefix text][window codes][pads]`: right-padded, so plain causal attention
         keeps real tokens from seeing pads (no mask to build, the fast attention path).
@@ -166,8 +164,6 @@ class GenRec(ProjectModel):
         L = self.vocab.levels
         tokens = self.vocab.history_tokens(self.item_codes, items)  # [n, W * L]
         labels = tokens.masked_fill(~learn.repeat_interleave(L, 1), -100)
-        if first_codes_only:
-            labels[:, torch.arange(labels.shape[1], device=labels.device) % L != 0] = -100
         token_items = items.repeat_interleave(L, 1)  # [n, W * L] the item each token belongs to
         if self.text_prompt is not None:  # the prompt's text before the codes, as at inference
             prefix = self.text_prompt.prefix.expand(len(items), -1)
@@ -181,8 +177,7 @@ class GenRec(ProjectModel):
         # Shortest windows together, so that little of each forward pass is padding.
         for chunk in torch.argsort((items > 0).sum(1)).chunk(self.length_buckets):
             T = int(n_real[chunk].max())
-            # [n, T-1, L*C] causal; an early-layer draft reads every token as the target's states
-            logits = hidden_code_logits(lm, self.vocab, **forward_inputs(lm, tokens[chunk, :T - 1]))
+            logits = hidden_code_logits(lm, self.vocab, input_ids=tokens[chunk, :T - 1])  # [n, T-1, L*C] causal
             loss = loss + self.code_nll(logits, labels[chunk, 1:T], token_items[chunk, 1:T], level_of[1:T])
         return loss / count
 
