@@ -129,8 +129,12 @@ def slow_trees(monkeypatch, delay: dict) -> list:
     return served
 
 
-def test_the_test_pass_serves_the_fastest_of_the_candidate_trees(synth_root, in_tmp_dir, monkeypatch):
-    model, batches = tuning_model(synth_root, in_tmp_dir)
+def test_the_test_pass_serves_the_fastest_of_the_candidate_trees_that_fit_its_k(synth_root, in_tmp_dir,
+                                                                                 monkeypatch, caplog):
+    with caplog.at_level(logging.INFO):  # (10, 2) and a 10-node budget are for K <= 10: not timed at K = 20
+        model, batches = tuning_model(synth_root, in_tmp_dir,
+                                      tree_candidates=[[20, 1], [20, 3], [10, 2], [40, 1, 0, 10]])
+    assert "tree_candidates [(10, 2, 0), (40, 1, 0, 10)] cannot serve K=20" in caplog.text
     served = slow_trees(monkeypatch, {(40, 1): 0.03, (20, 1): 0.0, (20, 3): 0.06})  # (20, 1) is the fastest
     model.fallback = False  # the tiny target's own search beats every tree: here the choice among trees is tested
     with torch.no_grad():
@@ -138,6 +142,11 @@ def test_the_test_pass_serves_the_fastest_of_the_candidate_trees(synth_root, in_
             model.full_sort_predict(batch)
     assert served[:12].count((20, 3)) == 4 and served[:12].count((40, 1)) == 4  # 4 requests (1 warm-up) x 3 trees
     assert model.tree == (20, 1, 0, 0) and set(served[12:]) == {(20, 1)}  # then served alone
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # no candidate fits K: the configured tree is served, untimed
+        model, _ = tuning_model(synth_root, in_tmp_dir, tree_candidates=[[10, 2]])
+    assert "cannot serve K=20 (N, and a budget, must be >= K): not timed; serving the configured tree" in caplog.text
+    assert model.tree_tuned and model.tree == (40, 1, 0, 0)
 
 
 def test_the_tuning_warns_when_no_tree_beats_the_targets_own_search(synth_root, in_tmp_dir, monkeypatch, caplog):
@@ -267,20 +276,21 @@ def test_the_test_pass_decodes_length_groups_into_the_targets_own_lists(synth_ro
 
 
 def test_a_candidate_tree_without_a_draft_start_takes_the_configured_one():
-    assert atspeed.parse_trees([[20, 1], [30, 2, 2], (40, 1, 0)], 20, draft_start=1) == [(20, 1, 1, 0), (30, 2, 2, 0),
-                                                                                          (40, 1, 0, 0)]
+    assert atspeed.parse_trees([[20, 1], [30, 2, 2], (40, 1, 0)], draft_start=1) == [(20, 1, 1, 0), (30, 2, 2, 0),
+                                                                                      (40, 1, 0, 0)]
 
 
-def test_a_candidate_tree_may_carry_a_node_budget_of_at_least_k():
-    assert atspeed.parse_trees([[40, 2, 0, 50]], 20) == [(40, 2, 0, 50)]
-    refused = r"tree_candidates \[\(40, 2, 0, 10\)\]: .* a budget of 0 \(every node\) or >= 20"
-    with pytest.raises(ConfigError, match=refused):
-        atspeed.parse_trees([[40, 2, 0, 10]], 20)
+def test_a_candidate_tree_serves_a_k_up_to_its_width_and_its_node_budget():
+    (tree,) = atspeed.parse_trees([[40, 2, 0, 10]])
+    assert tree == (40, 2, 0, 10) and tree.serves(10) and not tree.serves(11)  # 10 nodes verified: K <= 10
+    assert atspeed.Tree(6, 2).serves(6) and not atspeed.Tree(6, 2).serves(7)
+    with pytest.raises(ConfigError, match=r"tree_candidates \[\(40, 2, 0, -1\)\]: .* budget >= 0"):
+        atspeed.parse_trees([[40, 2, 0, -1]])
 
 
-def test_candidate_trees_narrower_than_k_or_malformed_are_refused(synth_root, in_tmp_dir, capsys):
-    assert run(synth_root, "AtSpeedS", in_tmp_dir / "x.json", tree_candidates="[[10,1]]") == 2
-    assert "N >= num_beams=20" in capsys.readouterr().err
+def test_malformed_candidate_trees_are_refused(synth_root, in_tmp_dir, capsys):
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "x.json", tree_candidates="[[10,0]]") == 2
+    assert "gamma >= 1" in capsys.readouterr().err
     assert run(synth_root, "AtSpeedS", in_tmp_dir / "y.json", tree_candidates="[20]") == 2
     assert "not a list of [N, gamma], [N, gamma, draft_start] or [N, gamma, draft_start, budget] trees" in \
         capsys.readouterr().err

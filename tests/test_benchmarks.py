@@ -32,6 +32,7 @@ import relaxed_inclusion  # noqa: E402
 import semantic_ids  # noqa: E402
 import shortcuts  # noqa: E402
 import speculative  # noqa: E402
+import tuning  # noqa: E402
 
 
 def run_args(root, tmp, *extra):
@@ -134,6 +135,18 @@ def test_frontier_times_each_tree_pruned_to_each_budget_it_can_take(synth_root, 
     (rows,) = tables(in_tmp_dir / "table.md")
     assert [r["nodes per round (<=)"] for r in rows] == ["8", "3", "6"]  # 2 < K; 8 is every node: skipped
     assert all(number(r["target calls"]) >= 1 for r in rows)
+
+
+def test_tuning_times_at_each_k_only_the_candidate_trees_that_can_serve_it(synth_root, in_tmp_dir):
+    argv = run_args(synth_root, in_tmp_dir, "--allow_untrained", "--modes=strict", "--ks=2,8", "--users=3",
+                    "--tree_candidates=[[2,2,0],[4,1,0],[8,1,0,4]]", "--draft_beams=20", "--gamma=1")
+    assert tuning.main(argv) == 0
+    (rows,) = tables(in_tmp_dir / "table.md")
+    assert [r["K"] for r in rows] == ["2", "8"]
+    k2, k8 = (r["trees timed (median ms)"] for r in rows)
+    assert "N 2 gamma 2" in k2 and "N 4 gamma 1" in k2 and "best 4 nodes" in k2 and "N 20 gamma 1" in k2  # all serve
+    assert k8.startswith("N 20 gamma 1: ") and k8.count(":") == 1  # the configured tree only: the others are narrow
+    assert all(number(r["best tree's speedup"]) > 0 for r in rows)
 
 
 @pytest.mark.parametrize("shortcut", ["bound", "trie_fill"])

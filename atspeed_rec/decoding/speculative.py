@@ -80,6 +80,10 @@ class Tree(NamedTuple):
         return (f"N {self.n} gamma {self.gamma}" + (f" from code {self.start}" if self.start else "")
                 + (f", best {self.budget} nodes" if self.budget else ""))
 
+    def serves(self, k: int) -> bool:
+        """Whether a K = `k` search can run on this tree: N >= K drafted beams, and a budget of every node or >= K."""
+        return self.n >= k and (self.budget == 0 or self.budget >= k)
+
     @property
     def written(self) -> tuple:
         """(N, gamma, start), and the budget when there is one: the tree as `tree_candidates` writes it."""

@@ -48,9 +48,10 @@ TEACHER_KEYS = ("K_train", "teacher_per_user", "teacher_users")  # which samples
 ALIGN_KEYS = ("align_loss", "alpha", "tau", "beta", "distillspec_divergence", "first_code_kl", *TEACHER_KEYS)
 
 
-def parse_trees(value, num_beams: int, draft_start: int = 0) -> list[Tree]:
-    """`tree_candidates` as (N, gamma, draft_start, budget) trees, each servable by the K = `num_beams` search; a
-    candidate [N, gamma] takes the configured `draft_start`, and one without a budget verifies all its nodes."""
+def parse_trees(value, draft_start: int = 0) -> list[Tree]:
+    """`tree_candidates` as (N, gamma, draft_start, budget) trees; a candidate [N, gamma] takes the configured
+    `draft_start`, and one without a budget verifies all its nodes. Whether a tree serves the run's K is the
+    tuning's business (`Tree.serves`): one list of candidates can hold trees for every K."""
     trees = []
     try:
         for tree in value or []:
@@ -62,12 +63,10 @@ def parse_trees(value, num_beams: int, draft_start: int = 0) -> list[Tree]:
         raise ConfigError(f"tree_candidates={value!r} is not a list of [N, gamma], [N, gamma, draft_start] or "
                           "[N, gamma, draft_start, budget] trees; fix: e.g. --tree_candidates='[[20,1],[40,1],"
                           "[20,1,2],[40,2,0,50]]', or [] to serve draft_beams, gamma and draft_start") from None
-    bad = [tree.written for tree in trees if tree.n < num_beams or tree.gamma < 1 or tree.start < 0
-           or 0 < tree.budget < num_beams or tree.budget < 0]
+    bad = [tree.written for tree in trees if tree.n < 1 or tree.gamma < 1 or tree.start < 0 or tree.budget < 0]
     if bad:
-        raise ConfigError(f"tree_candidates {bad}: every tree needs N >= num_beams={num_beams}, gamma >= 1, "
-                          f"draft_start >= 0 and a budget of 0 (every node) or >= {num_beams}; fix: drop them or "
-                          f"raise their N (and budget) to {num_beams}")
+        raise ConfigError(f"tree_candidates {bad}: every tree needs N >= 1, gamma >= 1, draft_start >= 0 and a "
+                          "budget >= 0 (0: every node); fix: drop them or correct them")
     return trees
 
 
@@ -97,7 +96,13 @@ class AtSpeedS(ProjectModel):
         if self.tree.gamma < 1 or self.tree.start < 0:
             raise ConfigError(f"gamma={self.tree.gamma}, draft_start={self.tree.start}: the draft must propose at "
                               "least one level a round, from a code position >= 0; fix: --gamma=1 --draft_start=0")
-        self.tree_candidates = parse_trees(config["tree_candidates"], self.num_beams, self.tree.start)
+        trees = parse_trees(config["tree_candidates"], self.tree.start)
+        self.tree_candidates = [tree for tree in trees if tree.serves(self.num_beams)]  # the others are for smaller K
+        skipped = [tree.written for tree in trees if not tree.serves(self.num_beams)]
+        if skipped:
+            (logging.getLogger().warning if not self.tree_candidates else logging.getLogger().info)(
+                f"tree_candidates {skipped} cannot serve K={self.num_beams} (N, and a budget, must be >= K): not timed"
+                + ("" if self.tree_candidates else f"; serving the configured tree, {self.tree.name}"))
         self.tree_tuning_requests = int(config["tree_tuning_requests"])
         self.tree_tuned = not self.tree_candidates  # tuned at the first test batch when there are candidates
         self.temperature = float(config["sample_temperature"])
@@ -251,12 +256,13 @@ class AtSpeedS(ProjectModel):
             logging.getLogger().info(head + "speculating on" + ("" if ratio >= 1 else " (serve_target_if_faster "
                                      "is off, or the relaxed rule has no target-only twin)"))
 
-    def tune_tree(self, input_ids, mask) -> None:
+    def tune_tree(self, input_ids, mask) -> tuple[dict, float]:
         """Serve the fastest tree of `tree_candidates` and the configured one: each decodes the batch's
         first `tree_tuning_requests` requests alone (batch 1), the trees and the target's own search
         interleaved per request, after one warm-up request; the median time per request decides, and a
         warning says so when no tree beats the target's search (with `fallback`, the test pass then serves the
-        target's `own_search`). Under DDP rank 0's choice is every rank's."""
+        target's `own_search`). Under DDP rank 0's choice is every rank's. Returns each tree's median ms and the
+        target's own search's."""
         trees = list(dict.fromkeys([self.tree, *self.tree_candidates]))
         entries = [*trees, None]  # None: the target's own search, the time a tree has to beat
         device, times = input_ids.device, {entry: [] for entry in entries}
@@ -295,6 +301,7 @@ class AtSpeedS(ProjectModel):
                 f"machine ({ms[best]:.1f} vs {target_ms:.1f} ms a request decoded alone): {then}. Speculative "
                 "decoding pays where a target pass over a few dozen extra tokens costs little more than a decode "
                 "step: a smaller K (topk), a CPU with AMX-BF16, a GPU, a larger target (docs/benchmarks.md)")
+        return ms, target_ms
 
     def time_single_requests(self, input_ids, mask) -> None:
         """The paper's speedup: requests of the test split decoded alone (batch 1), target-only and

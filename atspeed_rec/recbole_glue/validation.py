@@ -240,7 +240,7 @@ def check_choices(config) -> None:
                               f"must propose at least the K target beams; fix: --draft_beams={num_beams}")
         from atspeed_rec.recbole_glue.atspeed import parse_trees
 
-        trees = parse_trees(config["tree_candidates"], num_beams, config["draft_start"])  # or its own message
+        trees = parse_trees(config["tree_candidates"], config["draft_start"])  # or its own message
         check_draft_start(levels, int(config["draft_start"]), trees)
         from atspeed_rec.alignment.losses import ALIGN_LOSSES, DISTILLSPEC_DIVERGENCES
         from atspeed_rec.decoding.sampling import LAST_LEVELS
