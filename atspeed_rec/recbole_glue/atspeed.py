@@ -99,9 +99,9 @@ class AtSpeedS(ProjectModel):
         trees = parse_trees(config["tree_candidates"], self.tree.start)
         self.tree_candidates = [tree for tree in trees if tree.serves(self.num_beams)]  # the others are for smaller K
         skipped = [tree.written for tree in trees if not tree.serves(self.num_beams)]
-        if skipped:
-            (logging.getLogger().warning if not self.tree_candidates else logging.getLogger().info)(
-                f"tree_candidates {skipped} cannot serve K={self.num_beams} (N, and a budget, must be >= K): not timed"
+        if skipped:  # a warning when none is left to time
+            log = logging.getLogger().info if self.tree_candidates else logging.getLogger().warning
+            log(f"tree_candidates {skipped} cannot serve K={self.num_beams} (N, and a budget, must be >= K): not timed"
                 + ("" if self.tree_candidates else f"; serving the configured tree, {self.tree.name}"))
         self.tree_tuning_requests = int(config["tree_tuning_requests"])
         self.tree_tuned = not self.tree_candidates  # tuned at the first test batch when there are candidates
