@@ -68,8 +68,8 @@ def benchmark(args) -> None:
             print(f"{mode} K={k}: {rows[-1][4]}", flush=True)
     lines = decoders.header(args, "The serving tree the test pass's tuning picks, by K", served)
     lines += [f"Each K: the config's tree and its `tree_candidates` that can serve K (N, and a node budget, >= K), "
-              f"decoded alone on {n - 1} test users (sampled with the config's seed) after one warm-up, interleaved with the target's "
-              "own search; median ms per request. The fastest tree is served, or the target's own search where it "
+              f"decoded alone on {n - 1} test users (sampled with the config's seed) after one warm-up, "
+              "interleaved with the target's own search; median ms per request. The fastest tree is served, or the target's own search where it "
               "is faster (`serve_target_if_faster`).", "",
               *common.table(["mode", "K", "trees timed (median ms)", "target's own search ms", "served",
                              "best tree's speedup"], rows)]

@@ -2,11 +2,11 @@
 
 The input (per request) is [the prompt, unless it is cached] + the H current beams' code paths
 (H chains of `cur` tokens, or only each beam's newest code when the cache keeps the earlier ones)
-+ the N*d tree tokens (level j, node n at index j*N + n; columns dead in every request are not fed). Every token sees the request's non-pad
-prompt, its own ancestors (fed now or found in the cache by index) and itself; its position id is
-the prompt's last position + 1 + its depth. Beam search feeds its beams' newest codes with an empty
-tree; the draft re-feeds the beams + the levels it has grown so far after its prompt cache; the
-target verifies the beams' newest codes + the whole draft tree. The cache is never copied or
++ the N*d tree tokens (level j, node n at index j*N + n; a node dead in every request is not fed).
+Every token sees the request's non-pad prompt, its own ancestors (fed now or found in the cache by
+index) and itself; its position id is the prompt's last position + 1 + its depth. Beam search feeds its
+beams' newest codes with an empty tree; the draft re-feeds the beams + the levels it has grown so far
+after its prompt cache; the target verifies the beams' newest codes + the whole draft tree. The cache is never copied or
 reordered per beam: every token fed stays in it, and masks pick each token's ancestors. The mask is
 built in full for the lean forward (`models/fast_forward.py`): additive float, shape
 [G, 1, q, cache + q], 0 where visible and dtype-min elsewhere.
@@ -51,7 +51,7 @@ class DraftTree:
     def trimmed(self) -> "DraftTree":
         """The tree without the dead tail no level needs: the columns after the last live node of any level
         (and request); a level's nodes are drawn best first and dead ones score -inf, so they come last. Parents'
-        indices stay valid, and the target feeds no padding nodes (nor, `fed_slots`, any other dead column)."""
+        indices stay valid. (`tree_inputs` also skips dead columns before the tail: `fed_slots`.)"""
         if self.depth == 0:
             return self
         live = self.alive.flatten(0, 1).any(0)  # [N]
@@ -74,9 +74,9 @@ class DraftTree:
         alive in each request. A child never scores above its parent (log q <= 0) and ties go to the shallower
         node, so the kept nodes hold every kept node's ancestors."""
         G, d, N = self.codes.shape
-        flat = scores.masked_fill(~self.alive, float("-inf")).flatten(1)  # [G, dN]
         if budget >= d * N:
             return self
+        flat = scores.masked_fill(~self.alive, float("-inf")).flatten(1)  # [G, dN]
         order = flat.argsort(dim=-1, descending=True, stable=True)[:, :budget]  # ties: the lower index (level) first
         keep = torch.zeros_like(self.alive.flatten(1)).scatter_(1, order, True).view(G, d, N)
         alive = self.alive & keep
