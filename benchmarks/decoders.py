@@ -72,7 +72,7 @@ def parse_trees(text: str) -> dict[int, Tree]:
             except (ValueError, TypeError):
                 raise argparse.ArgumentTypeError(f"{part!r} is not K:N:gamma, K:N:gamma:draft_start or "
                                                  "K:N:gamma:draft_start:budget (integers)") from None
-            if tree.n < k or tree.gamma < 1 or tree.start < 0 or not (tree.budget == 0 or tree.budget >= k):
+            if not tree.serves(k) or tree.gamma < 1 or tree.start < 0:
                 raise argparse.ArgumentTypeError(f"{part!r}: N must be >= K, gamma >= 1, draft_start >= 0 and the "
                                                  "budget 0 (every node) or >= K")
             trees[k] = tree

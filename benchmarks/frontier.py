@@ -55,8 +55,9 @@ def run_frontier(s, mode: str, requests, k: int, grid, warmup: int) -> list[dict
 
 def benchmark(args) -> None:
     served, test = decoders.load(args)
-    grid = [decoders.Tree(n, g, start, b) for start in args.start for n in args.n for g in args.gamma
-            for b in args.budget if n >= args.k and (b == 0 or args.k <= b < n * g)]
+    trees = [decoders.Tree(n, g, start, b)
+             for start in args.start for n in args.n for g in args.gamma for b in args.budget]
+    grid = [tree for tree in trees if tree.serves(args.k) and tree.budget < tree.n * tree.gamma]
     requests = decoders.requests(args, served, test, 1)
     rows = []
     for mode in args.modes:

@@ -35,11 +35,10 @@ def parse_args(argv=None):
     return args
 
 
-def tune_at(model, config, k: int, requests) -> dict:
-    """The model's tuning as a test pass at K = `k` runs it: the candidates that serve K beside the configured tree."""
-    trees = parse_trees(config["tree_candidates"], int(config["draft_start"]))
+def tune_at(model, configured, trees, k: int, requests) -> dict:
+    """The model's tuning as a test pass at K = `k` runs it: the `trees` that serve K beside the `configured` one."""
     model.num_beams = model.eval_beams = k
-    model.tree = decoders.Tree(int(config["draft_beams"]), int(config["gamma"]), int(config["draft_start"]))
+    model.tree = configured  # the tuning replaces it with its choice
     model.tree_candidates = [tree for tree in trees if tree.serves(k)]
     model.tree_tuned = model.serve_target = False
     with torch.no_grad():
@@ -60,8 +59,9 @@ def benchmark(args) -> None:
         if int(s.config["draft_beams"]) < max(args.ks):
             raise SystemExit(f"--ks: draft_beams={s.config['draft_beams']} < K={max(args.ks)}; pass --draft_beams="
                              f"{max(args.ks)} (a decoding setting: the checkpoint stays the same)")
+        configured, trees = s.model.tree, parse_trees(s.config["tree_candidates"], s.model.tree.start)
         for k in args.ks:
-            r = tune_at(s.model, s.config, k, requests)
+            r = tune_at(s.model, configured, trees, k, requests)
             rows.append([mode, k, ", ".join(f"{tree.name}: {t:.1f}" for tree, t in r["ms"].items()),
                          f"{r['target_ms']:.1f}", "the target's own search" if r["serve_target"] else r["tree"].name,
                          f"{r['target_ms'] / min(r['ms'].values()):.2f}x"])
@@ -69,8 +69,8 @@ def benchmark(args) -> None:
     lines = decoders.header(args, "The serving tree the test pass's tuning picks, by K", served)
     lines += [f"Each K: the config's tree and its `tree_candidates` that can serve K (N, and a node budget, >= K), "
               f"decoded alone on {n - 1} test users (sampled with the config's seed) after one warm-up, "
-              "interleaved with the target's own search; median ms per request. The fastest tree is served, or the target's own search where it "
-              "is faster (`serve_target_if_faster`).", "",
+              "interleaved with the target's own search; median ms per request. The fastest tree is served, or "
+              "the target's own search where it is faster (`serve_target_if_faster`).", "",
               *common.table(["mode", "K", "trees timed (median ms)", "target's own search ms", "served",
                              "best tree's speedup"], rows)]
     common.write(lines, args.output)
