@@ -14,7 +14,7 @@ a few percent cannot be told apart on such a sample.
     python benchmarks/accuracy.py --dataset=amazon-beauty --data_path=DIR \
         --variant="lr 1e-3:epochs=1,learning_rate=0.001" --variant="lr 3e-3:epochs=1,learning_rate=0.003"
 
-writes docs/target_accuracy.md. A missing checkpoint stops with the command that trains it.
+writes docs/results/target_accuracy.md. A missing checkpoint stops with the command that trains it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ beside the target's own beam search.
 
     python benchmarks/alignment.py --dataset=amazon-beauty --data_path=DIR
 
-writes docs/alignment_benchmark.md and docs/alignment_accepted.png. Training options are property
+writes docs/results/alignment_benchmark.md and docs/results/alignment_accepted.png. Training options are property
 overrides, as on run_recbole.py: `--draft_epochs=4 --teacher_per_user=2`.
 """
 

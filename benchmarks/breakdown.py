@@ -9,7 +9,7 @@ verification, or the baseline's trie-masked top-K selection) give each stage's s
 
     python benchmarks/breakdown.py --dataset=amazon-beauty --data_path=DIR --k=10
 
-writes docs/speculative_breakdown.md. Weights and the other options as in `benchmarks/speculative.py`.
+writes docs/results/speculative_breakdown.md. Weights and the other options as in `benchmarks/speculative.py`.
 """
 
 from __future__ import annotations

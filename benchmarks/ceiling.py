@@ -13,7 +13,7 @@ same costs.
 
     python benchmarks/ceiling.py --dataset=amazon-beauty --data_path=DIR --k=10
 
-writes docs/speculative_ceiling.md.
+writes docs/results/speculative_ceiling.md.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from atspeed_rec.recbole_glue.metrics import SPEC_METRICS, timed
 from atspeed_rec.recbole_glue.registry import get_model_class
 from atspeed_rec.recbole_glue.runner import build_config, check_dataset
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
 # ---------------------------------------------------------------- command line
@@ -49,7 +49,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 def parser(script: str, doc: str, requests: int | None = 200, output: str | None = None, plot: str | None = None,
            untrained: bool = True) -> argparse.ArgumentParser:
     """The options every benchmark has (a script adds its own): `requests` (None: no requests, no
-    --warmup), `output`/`plot` (default file names in docs/; no output: print only), `untrained`
+    --warmup), `output`/`plot` (default file names in docs/results/; no output: print only), `untrained`
     (--allow_untrained). No abbreviations: an option the script lacks is a property override."""
     p = argparse.ArgumentParser(prog=f"benchmarks/{Path(script).name}", description=doc.split("\n\n")[0],
                                 allow_abbrev=False, epilog="Then run_recbole.py's arguments: --dataset, --data_path, "
@@ -59,12 +59,12 @@ def parser(script: str, doc: str, requests: int | None = 200, output: str | None
         p.add_argument("--warmup", type=int, default=5, help="untimed request batches per setting (at most half)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument("--output", type=Path, default=None,
-                   help=f"markdown file (default: docs/{output})" if output else "markdown file")
-    p.set_defaults(default_output=DOCS / output if output else None)
+                   help=f"markdown file (default: docs/results/{output})" if output else "markdown file")
+    p.set_defaults(default_output=RESULTS / output if output else None)
     if plot:
         p.add_argument("--plot", type=Path, default=None,
-                       help=f"PNG file (default: --output's name with .png, or docs/{plot})")
-        p.set_defaults(default_plot=DOCS / plot)
+                       help=f"PNG file (default: --output's name with .png, or docs/results/{plot})")
+        p.set_defaults(default_plot=RESULTS / plot)
     if untrained:
         p.add_argument("--allow_untrained", action="store_true",
                        help="random weights when no trained checkpoint exists (timing smoke tests only)")

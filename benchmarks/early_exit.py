@@ -18,7 +18,7 @@ Findings: docs/experiments.md, "An early-exit draft from the target's first laye
 
     python benchmarks/early_exit.py --dataset=amazon-beauty --data_path=DIR
 
-writes docs/early_exit_probe.md.
+writes docs/results/early_exit_probe.md.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ per request.
 
     python benchmarks/frontier.py --dataset=amazon-beauty --data_path=DIR
 
-writes docs/speculative_frontier.md and docs/speculative_frontier.png. Weights and the other
+writes docs/results/speculative_frontier.md and docs/results/speculative_frontier.png. Weights and the other
 options as in `benchmarks/speculative.py`.
 """
 

@@ -16,7 +16,7 @@ rounding of bf16 sums: near-tied items may swap).
 
     python benchmarks/length_groups.py --dataset=amazon-beauty --data_path=DIR
 
-writes docs/length_groups.md. Weights: the trained AtSpeedS / AtSpeedR checkpoints of the same arguments.
+writes docs/results/length_groups.md. Weights: the trained AtSpeedS / AtSpeedR checkpoints of the same arguments.
 """
 
 from __future__ import annotations

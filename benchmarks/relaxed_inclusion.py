@@ -10,7 +10,7 @@ report gives, for the target's most likely codes, p, q and each side's chance of
 
     python benchmarks/relaxed_inclusion.py
 
-writes docs/relaxed_inclusion.md.
+writes docs/results/relaxed_inclusion.md.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--draws", type=int, default=4000, help="rounds simulated")
     p.add_argument("--rows", type=int, default=15, help="most likely codes reported")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", type=Path, default=Path("docs/relaxed_inclusion.md"))
+    p.add_argument("--output", type=Path, default=Path("docs/results/relaxed_inclusion.md"))
     return p.parse_args(argv)
 
 

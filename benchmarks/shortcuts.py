@@ -16,7 +16,7 @@ checked item for item against `beam_search`.
 
     python benchmarks/shortcuts.py --dataset=amazon-beauty --data_path=DIR [--shortcut=trie_fill]
 
-writes docs/speculative_<shortcut>.md. Weights: the trained AtSpeedS checkpoint of the same arguments
+writes docs/results/speculative_<shortcut>.md. Weights: the trained AtSpeedS checkpoint of the same arguments
 (AtSpeedR's draft stands in when there is none); options as in `benchmarks/speculative.py`.
 """
 

@@ -10,7 +10,7 @@ the target's `beam_search` and, in relaxed mode, `beam_sample`.
 
     python benchmarks/speculative.py --dataset=amazon-beauty --data_path=DIR
 
-writes docs/speculative_benchmark.md and docs/speculative_speedup.png. Weights: the trained
+writes docs/results/speculative_benchmark.md and docs/results/speculative_speedup.png. Weights: the trained
 AtSpeedS (strict) and AtSpeedR (relaxed) checkpoints of the same arguments, made by
 `python run_recbole.py --model=AtSpeedS ...` (the error message gives the exact command);
 `--allow_untrained` times random weights instead (timings hold, acceptance and accuracy mean nothing).

@@ -9,7 +9,7 @@ request, the target's own search's, and the choice.
 
     python benchmarks/tuning.py --dataset=amazon-beauty --data_path=DIR --ks=1,3,5
 
-writes docs/tree_tuning.md. Weights and options as in `benchmarks/speculative.py`; `--users` (test users
+writes docs/results/tree_tuning.md. Weights and options as in `benchmarks/speculative.py`; `--users` (test users
 sampled with the config's seed) defaults to the config's `tree_tuning_requests` + 1.
 """
 
