@@ -76,7 +76,7 @@ class AtSpeedS(ProjectModel):
     input_type = InputType.POINTWISE
     property_parents = ("GenRec",)  # the target's properties, then this model's
     verification = "strict"
-    checkpoint_keys = (*GenRec.checkpoint_keys, *DRAFT_KEYS, *ALIGN_KEYS, "num_beams")
+    checkpoint_keys = (*GenRec.checkpoint_keys, *DRAFT_KEYS, *ALIGN_KEYS, "num_beams", "target_valid_beams")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)

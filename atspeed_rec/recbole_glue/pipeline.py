@@ -1,7 +1,8 @@
 """The AtSpeed pipeline: the stages that make an AtSpeedS / AtSpeedR model, each logged and cached.
 
 1. target: the GenRec model of the same dataset and configuration, reused from its checkpoint,
-   resumed, or trained once (its own recipe); then frozen;
+   resumed, or trained once (its own recipe, validated by NDCG@10 at `target_valid_beams` beams whatever
+   K is served, so one target serves every K); then frozen;
 2. teacher data: the target's top-K_train beams and distributions for the alignment samples
    (`alignment/teacher.py`; only for losses evaluated along the target's beams);
 3. draft: trained by RecBole's trainer with (1 - alpha) CE + alpha L_align (`alignment/objective.py`;
@@ -55,16 +56,25 @@ class AtSpeedTrainer(SafeCheckpointTrainer):
     fit = fit_or_resume  # RecBole's entry point runs the same stages
 
     def target_config(self):
+        """The target's own protocol: validated by NDCG@10 at `target_valid_beams` beams whatever K is served,
+        so one trained target serves every K (its checkpoint is named by this config)."""
         config = copy.copy(self.config)
-        config.final_config_dict = {**self.config.final_config_dict, "model": "GenRec",
+        beams = int(self.config["target_valid_beams"])
+        topk = self.config["topk"] if isinstance(self.config["topk"], list) else [self.config["topk"]]
+        config.final_config_dict = {**self.config.final_config_dict, "model": "GenRec", "num_beams": beams,
+                                    "topk": sorted({k for k in topk if k <= beams} | {10}),
                                     "metrics": ["Recall", "NDCG"], "valid_metric": "NDCG@10"}
         return config
 
     def ensure_target(self, train_data, valid_data, show_progress) -> None:
-        target = self.model.target
-        trainer = SafeCheckpointTrainer(self.target_config(), target)
+        target, config = self.model.target, self.target_config()
+        trainer = SafeCheckpointTrainer(config, target)
         self.logger.info(set_color("stage", "green") + f": the GenRec target ({trainer.saved_model_file})")
-        trainer.fit_or_resume(train_data, valid_data, saved=True, show_progress=show_progress)
+        served, target.num_beams = target.num_beams, int(config["num_beams"])  # its validation's beam width
+        try:
+            trainer.fit_or_resume(train_data, valid_data, saved=True, show_progress=show_progress)
+        finally:
+            target.num_beams = served
         if not self.config["single_spec"]:
             torch.distributed.barrier()  # only rank 0 writes the checkpoint: the others wait for it
         load_checkpoint(target, trainer.saved_model_file)  # the best epoch, not the last
