@@ -157,7 +157,7 @@ def test_first_code_kl_is_refused_for_a_loss_without_teacher_distributions():
     config = {"align_loss": "wordkd", "alpha": 0.7, "tau": 1.0, "beta": 1.0, "K_train": 4,
               "distillspec_divergence": "tvd", "first_code_kl": 1.0}
     with pytest.raises(ConfigError, match="first_code_kl=1.0 needs .* fix: --align_loss=atspeed_r"):
-        AlignConfig.from_config(config, num_beams=4)
+        AlignConfig.from_config(config, k=4)
 
 
 def test_the_draft_that_equals_the_target_has_zero_atspeed_losses():

@@ -53,20 +53,26 @@ def test_atspeed_s_reports_speed_metrics_and_reuses_its_target(synth_root, in_tm
     assert SPEC_METRICS <= set(relaxed) and 0 <= relaxed["ndcg@10"] <= 1
 
 
-def test_serving_another_k_reuses_the_trained_target_and_trains_a_draft_for_that_k(synth_root, in_tmp_dir):
-    assert run(synth_root, "AtSpeedR", in_tmp_dir / "a.json") == 0
-    (target,) = (in_tmp_dir / "saved").glob("GenRec-synth-*.safetensors")
-    stamp = target.stat().st_mtime_ns
-    # K = 1: the target is validated at target_valid_beams whatever K is served, so it is not trained again
-    assert run(synth_root, "AtSpeedR", in_tmp_dir / "b.json", topk="[1]", num_beams=1) == 0
-    assert list((in_tmp_dir / "saved").glob("GenRec-synth-*.safetensors")) == [target]
-    assert target.stat().st_mtime_ns == stamp
-    assert len(list((in_tmp_dir / "saved").glob("AtSpeedR-synth-*.safetensors"))) == 2  # aligned at its own K
+def test_serving_another_k_reuses_the_trained_target_and_draft(synth_root, in_tmp_dir):
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "a.json") == 0
+    saved = in_tmp_dir / "saved"
+    (target,), (draft,) = saved.glob("GenRec-synth-*.safetensors"), saved.glob("AtSpeedS-synth-*.safetensors")
+    stamps = target.stat().st_mtime_ns, draft.stat().st_mtime_ns
+    # K = 1: the target is validated at target_valid_beams and the draft aligned at align_beams whatever K is
+    # served, so neither is trained again
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "b.json", topk="[1]", num_beams=1) == 0
+    assert list(saved.glob("GenRec-synth-*.safetensors")) == [target]
+    assert list(saved.glob("AtSpeedS-synth-*.safetensors")) == [draft]
+    assert (target.stat().st_mtime_ns, draft.stat().st_mtime_ns) == stamps
     test = json.loads((in_tmp_dir / "b.json").read_text())["test"]
     assert {"recall@1", "ndcg@1"} <= set(test) and SPEC_METRICS <= set(test)
-    # a new validation width names a new target
-    assert run(synth_root, "AtSpeedR", in_tmp_dir / "c.json", topk="[1]", num_beams=1, target_valid_beams=10) == 0
-    assert len(list((in_tmp_dir / "saved").glob("GenRec-synth-*.safetensors"))) == 2
+    # a new alignment K names a new draft; a new validation width, a new target (and so a new draft)
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "c.json", topk="[1]", num_beams=1, align_beams=1) == 0
+    assert len(list(saved.glob("AtSpeedS-synth-*.safetensors"))) == 2
+    assert len(list(saved.glob("GenRec-synth-*.safetensors"))) == 1
+    assert run(synth_root, "AtSpeedS", in_tmp_dir / "d.json", topk="[1]", num_beams=1, target_valid_beams=10) == 0
+    assert len(list(saved.glob("GenRec-synth-*.safetensors"))) == 2
+    assert len(list(saved.glob("AtSpeedS-synth-*.safetensors"))) == 3
 
 
 def test_a_new_serving_tree_or_temperature_reuses_the_trained_draft(synth_root, in_tmp_dir):

@@ -30,15 +30,15 @@ class AlignConfig:
     alpha: float  # weight of L_align against the ground-truth CE
     tau: float  # temperature of both distributions
     beta: float  # AtSpeed-S: weight of the density term
-    k: int  # AtSpeed-S: the draft's top-k set S = the target's beam width K
+    k: int  # AtSpeed-S: the draft's top-k set S, the target's beam width K (`align_beams`)
     k_train: int  # beams per sample (teacher data, on-policy drafts)
     divergence: str  # DistillSpec's divergence
     first_code_kl: float = 0.0  # weight of a forward KL(p || q) at the 1st code, added to L_align (teacher data)
 
     @staticmethod
-    def from_config(config, num_beams: int) -> "AlignConfig":
+    def from_config(config, k: int) -> "AlignConfig":
         cfg = AlignConfig(name=str(config["align_loss"]), alpha=float(config["alpha"]), tau=float(config["tau"]),
-                          beta=float(config["beta"]), k=num_beams, k_train=int(config["K_train"]),
+                          beta=float(config["beta"]), k=k, k_train=int(config["K_train"]),
                           divergence=str(config["distillspec_divergence"]),
                           first_code_kl=float(config["first_code_kl"] or 0.0))
         spec = get_align_loss(cfg.name)  # unknown names fail here, before any training

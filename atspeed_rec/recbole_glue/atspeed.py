@@ -76,7 +76,10 @@ class AtSpeedS(ProjectModel):
     input_type = InputType.POINTWISE
     property_parents = ("GenRec",)  # the target's properties, then this model's
     verification = "strict"
-    checkpoint_keys = (*GenRec.checkpoint_keys, *DRAFT_KEYS, *ALIGN_KEYS, "num_beams", "target_valid_beams")
+    # The served K (num_beams) names nothing: the target is validated at target_valid_beams and the draft aligned
+    # at align_beams, so one target and one draft serve every K.
+    checkpoint_keys = (*(k for k in GenRec.checkpoint_keys if k != "num_beams"), "target_valid_beams",
+                       *DRAFT_KEYS, *ALIGN_KEYS, "align_beams")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -85,8 +88,9 @@ class AtSpeedS(ProjectModel):
         if self.target.text_prompt is not None:  # the draft reads the target's prompts: their prefix is cached too
             register_prefix(self.draft, self.target.text_prompt.prefix)
         self.num_beams = self.target.num_beams  # K of the test split
+        align_beams = int(config["align_beams"])  # K of the alignment objective, whatever K is served
         # K of the draft's validation: at K = N nothing is accepted whatever the draft, at K = 10 drafts separate
-        self.valid_beams = min(int(config["draft_valid_beams"]), self.num_beams)
+        self.valid_beams = min(int(config["draft_valid_beams"]), align_beams)
         self.valid_tree = (max(int(config["draft_valid_width"]), self.valid_beams), int(config["draft_valid_gamma"]))
         self.eval_beams = self.num_beams  # K of the evaluation running now (`start_evaluation`)
         self.tree = Tree(int(config["draft_beams"]), int(config["gamma"]), int(config["draft_start"]))  # served
@@ -123,7 +127,7 @@ class AtSpeedS(ProjectModel):
         self.seed = int(config["seed"])
         self.generator: torch.Generator | None = None  # relaxed sampling; made on the requests' device
         self.spec_meter = SpecMeter()
-        self.align = AlignConfig.from_config(config, self.num_beams)
+        self.align = AlignConfig.from_config(config, align_beams)
         self.samples: SampleIndex | None = None  # alignment samples, set by the trainer's teacher stage
 
     def train(self, mode: bool = True):

@@ -146,6 +146,8 @@ RULES = (
     _int("speedup_batches", 0, "the number of batches timed target-only cannot be negative (0 = none)"),
     _int("target_valid_beams", 10, "the target's validation ranks NDCG@10, which needs at least 10 beams",
          "set --target_valid_beams=20 (the default) or another value of 10 or more"),
+    _int("align_beams", 1, "the alignment objective needs at least 1 beam",
+         "set --align_beams=20 (the default) or another value of 1 or more"),
     _int("draft_valid_beams", 1, "the draft's validation needs at least 1 beam"),
     _int("draft_valid_width", 1, "the draft's validation tree needs at least 1 node per level"),
     _int("draft_valid_gamma", 1, "the draft's validation tree needs at least one level"),
