@@ -40,8 +40,8 @@ class AtSpeedTrainer(SafeCheckpointTrainer):
         """Target, teacher data, then the draft: each reused, resumed or made."""
         self.ensure_target(train_data, valid_data, show_progress)
         self.model.samples = self.alignment_samples(train_data._dataset, show_progress)
-        self.logger.info(set_color("stage", "green") + f": training the draft (align_loss={self.model.align.name}, "
-                         f"alpha={self.model.align.alpha})")
+        self.logger.info(set_color("stage", "green") + f": the draft (align_loss={self.model.align.name}, "
+                         f"alpha={self.model.align.alpha}, aligned at K={self.model.align.k})")
         self.epochs = int(self.config["draft_epochs"])
         self.learning_rate = float(self.config["draft_learning_rate"])
         self.weight_decay = float(self.config["draft_weight_decay"])
