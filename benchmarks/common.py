@@ -39,6 +39,7 @@ from atspeed_rec.recbole_glue.genrec import beams_to_scores
 from atspeed_rec.recbole_glue.metrics import SPEC_METRICS, timed
 from atspeed_rec.recbole_glue.registry import get_model_class
 from atspeed_rec.recbole_glue.runner import build_config, check_dataset
+from atspeed_rec.recbole_glue.validation import topk_cutoffs
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
@@ -221,8 +222,7 @@ def interleaved(fns: dict, requests: list[Request], warmup: int, progress: str |
 
 def cutoffs(config, k: int) -> list[int]:
     """The config's topk cut-offs that a top-k list fills; [k] when none does."""
-    topk = config["topk"] if isinstance(config["topk"], list) else [config["topk"]]
-    return [c for c in topk if c <= k] or [k]
+    return [c for c in topk_cutoffs(config) if c <= k] or [k]
 
 
 def _collected(config, requests: list[Request], results, k: int):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from atspeed_rec.errors import ConfigError
-from atspeed_rec.recbole_glue.validation import _model_class, _topk, _warn
+from atspeed_rec.recbole_glue.validation import _model_class, _warn, topk_cutoffs
 
 # ----------------------------------------------------------------------------- the .inter file
 
@@ -223,7 +223,7 @@ def validate_dataset(config, dataset) -> None:
     """Checks that need the loaded, filtered dataset (call right after RecBole's `create_dataset`)."""
     name = config["dataset"]
     n_items = int(dataset.item_num) - 1  # internal id 0 is PAD
-    topk = [int(k) for k in _topk(config)]
+    topk = topk_cutoffs(config)
     filtered = " after filtering" if any(config[k] not in (None, "[0,inf)") for k in (
         "user_inter_num_interval", "item_inter_num_interval", "val_interval")) else ""
     if max(topk) > n_items:

@@ -30,6 +30,7 @@ from atspeed_rec.models.sequences import TrainingWindows
 from atspeed_rec.models.vocab import CodeVocab
 from atspeed_rec.recbole_glue.base import ProjectModel
 from atspeed_rec.recbole_glue.checkpoint import DATA_KEYS, TRAIN_KEYS
+from atspeed_rec.recbole_glue.validation import topk_cutoffs
 from atspeed_rec.semantic_ids.builder import build_semantic_ids
 from atspeed_rec.semantic_ids.trie import CodeTrie
 
@@ -38,7 +39,7 @@ FILL_SCORE = -1e9  # score of items outside the beams: finite, below every beam 
 
 def check_beam_width(config) -> int:
     """The beam width K; RecBole ranks by score, so every top-k cut-off needs k beams."""
-    topk = config["topk"] if isinstance(config["topk"], list) else [config["topk"]]
+    topk = topk_cutoffs(config)
     num_beams = int(config["num_beams"])
     if num_beams < max(topk):
         raise ConfigError(

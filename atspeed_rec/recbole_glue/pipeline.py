@@ -29,6 +29,7 @@ from atspeed_rec.recbole_glue.atspeed import TEACHER_KEYS
 from atspeed_rec.recbole_glue.checkpoint import config_key, load_checkpoint
 from atspeed_rec.recbole_glue.genrec import GenRec
 from atspeed_rec.recbole_glue.trainer import SafeCheckpointTrainer
+from atspeed_rec.recbole_glue.validation import topk_cutoffs
 
 
 class AtSpeedTrainer(SafeCheckpointTrainer):
@@ -60,9 +61,8 @@ class AtSpeedTrainer(SafeCheckpointTrainer):
         so one trained target serves every K (its checkpoint is named by this config)."""
         config = copy.copy(self.config)
         beams = int(self.config["target_valid_beams"])
-        topk = self.config["topk"] if isinstance(self.config["topk"], list) else [self.config["topk"]]
         config.final_config_dict = {**self.config.final_config_dict, "model": "GenRec", "num_beams": beams,
-                                    "topk": sorted({k for k in topk if k <= beams} | {10}),
+                                    "topk": sorted({k for k in topk_cutoffs(self.config) if k <= beams} | {10}),
                                     "metrics": ["Recall", "NDCG"], "valid_metric": "NDCG@10"}
         return config
 

@@ -30,7 +30,7 @@ from atspeed_rec.errors import ConfigError, DatasetNotFoundError
 from atspeed_rec.recbole_glue.checkpoint import data_fingerprint
 from atspeed_rec.recbole_glue.registry import get_model_class, get_trainer_class
 from atspeed_rec.recbole_glue.data_checks import validate_dataset, validate_files
-from atspeed_rec.recbole_glue.validation import check_result_file, validate
+from atspeed_rec.recbole_glue.validation import check_result_file, topk_cutoffs, validate
 
 PROPERTIES = Path(__file__).resolve().parents[2] / "properties"
 
@@ -122,7 +122,7 @@ def check_config(config: Config) -> None:
     """Protocol mistakes that RecBole would otherwise report deep inside a library, or not at all."""
     validate(config)  # value ranges, choices, misspelt keys (validation.py)
     validate_files(config)  # the .inter file (data_checks.py)
-    topk = config["topk"] if isinstance(config["topk"], list) else [config["topk"]]
+    topk = topk_cutoffs(config)
     order = (config["eval_args"] or {}).get("order")
     inter_columns = (config["load_col"] or {}).get("inter") if isinstance(config["load_col"], dict) else None
     on_disk = (Path(config["data_path"]) / f"{config['dataset']}.inter").is_file()  # else check_dataset says so

@@ -50,9 +50,10 @@ def _warn(config, message: str) -> None:
     logger.warning(message)
 
 
-def _topk(config) -> list:
+def topk_cutoffs(config) -> list[int]:
+    """The config's `topk` cut-offs as a list (RecBole accepts one number too)."""
     topk = config["topk"]
-    return list(topk) if isinstance(topk, (list, tuple)) else [topk]
+    return [int(k) for k in (topk if isinstance(topk, (list, tuple)) else [topk])]
 
 
 def _yaml_keys(path: Path) -> set[str]:
