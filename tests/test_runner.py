@@ -1,11 +1,17 @@
 """The RecBole runner: baselines, result files, clear errors, distributed runs."""
 
 import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from atspeed_rec.recbole_glue.cli import main, parse_args
-from atspeed_rec.recbole_glue.runner import build_config
+from atspeed_rec.recbole_glue.runner import build_config, spawn_ranks
 
 
 def run_cli(root, *args):
@@ -93,6 +99,26 @@ def test_two_process_distributed_run_on_cpu_reports_metrics(synth_root, in_tmp_d
     assert result["nproc"] == 2
     assert result["config"]["world_size"] == 2
     assert 0.0 <= result["test"]["ndcg@10"] <= 1.0
+
+
+def hang(rank: int, folder: str) -> None:
+    Path(folder, str(rank)).touch()
+    time.sleep(3600)
+
+
+def test_an_interrupted_distributed_run_prints_each_ranks_stack_and_ends_every_rank(tmp_path, capfd):
+    def interrupt_once_both_ranks_run():
+        deadline = time.time() + 120
+        while len(list(tmp_path.iterdir())) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, as a user or a test's timeout does
+
+    threading.Thread(target=interrupt_once_both_ranks_run, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        spawn_ranks(hang, 2, (str(tmp_path),))
+    assert not multiprocessing.active_children()  # nothing left to hang the interpreter's exit
+    assert capfd.readouterr().err.count("in hang") == 2  # each rank's stack, for the bug report
 
 
 def test_a_dataset_file_sizes_the_model_budget_as_in_recbole():

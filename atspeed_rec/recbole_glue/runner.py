@@ -8,12 +8,15 @@ RecBole's own DDP path (`local_rank`, `world_size`, ... in the config), on gloo 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import gc
 import json
 import logging
 import os
+import signal
 import socket
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -236,14 +239,56 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, nproc: int, port: int, args: tuple, queue) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup quota (a container's
+    `--cpus`), which `os.cpu_count()` ignores; threads beyond it spin against each other."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]  # e.g. "200000 100000"
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    return cpus
+
+
+def _rank_main(rank: int, nproc: int, port: int, args: tuple, result_path: str) -> None:
+    torch.set_num_threads(max(1, available_cpus() // nproc))
+    if "lo" in {name for _, name in socket.if_nameindex()}:
+        # ranks on one machine talk over loopback: gloo otherwise picks the address the hostname
+        # resolves to, which in some containers is an interface the ranks cannot reach each other on
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     model, dataset, config_files, overrides = args
     ddp = {"local_rank": rank, "world_size": nproc, "nproc": nproc, "offset": 0,
            "ip": "127.0.0.1", "port": str(port)}
     result = run_single(model, dataset, config_files, {**(overrides or {}), **ddp})
-    if rank == 0:
-        queue.put(result)
+    if rank == 0:  # a file, not a queue: a result over a pipe's 64 KB would block rank 0 in put()
+        Path(result_path).write_text(json.dumps(result))  # while the parent waits for it to exit
+
+
+def _stacks_on_request(rank: int, fn, *args) -> None:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks before ending a hung rank
+    fn(rank, *args)
+
+
+def spawn_ranks(fn, nproc: int, args: tuple) -> None:
+    """Run `fn(rank, *args)` on `nproc` processes and wait for all of them. A rank that fails ends
+    the others (torch's spawn); an interrupted parent (Ctrl-C, a test's timeout) prints every
+    rank's stacks and ends them too, instead of leaving them to hang the interpreter's exit."""
+    ranks = torch.multiprocessing.start_processes(_stacks_on_request, args=(fn, *args), nprocs=nproc,
+                                                  join=False, start_method="spawn")
+    try:
+        while not ranks.join():
+            pass
+    except BaseException:
+        alive = [p for p in ranks.processes if p.is_alive()]
+        for p in alive:
+            os.kill(p.pid, signal.SIGUSR1)
+        time.sleep(1)  # let faulthandler write the stacks
+        for p in alive:
+            p.terminate()
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+        raise
 
 
 def run(model: str, dataset: str, config_files=None, overrides=None, nproc: int = 1,
@@ -262,13 +307,11 @@ def run(model: str, dataset: str, config_files=None, overrides=None, nproc: int 
         # RecBole's ensure_dir races when ranks create the same folders at once.
         for folder in (Path("log") / config["model"], Path(config["checkpoint_dir"])):
             folder.mkdir(parents=True, exist_ok=True)
-        ctx = torch.multiprocessing.get_context("spawn")
-        queue = ctx.SimpleQueue()
-        torch.multiprocessing.spawn(
-            _rank_main, args=(nproc, _free_port(), (model, dataset, config_files, overrides), queue),
-            nprocs=nproc, join=True,
-        )
-        result = queue.get()
+        with tempfile.TemporaryDirectory() as folder:
+            result_path = str(Path(folder) / "rank0.json")
+            spawn_ranks(_rank_main, nproc, (nproc, _free_port(), (model, dataset, config_files, overrides),
+                                            result_path))
+            result = json.loads(Path(result_path).read_text())
         result["nproc"] = nproc
         result["wall_time_s"] = round(time.time() - start, 2)
     if result_file:
