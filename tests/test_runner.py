@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from atspeed_rec.recbole_glue.cli import main, parse_args
-from atspeed_rec.recbole_glue.runner import build_config, spawn_ranks
+from atspeed_rec.recbole_glue.runner import _free_port, build_config, spawn_ranks
 
 
 def run_cli(root, *args):
@@ -99,6 +99,13 @@ def test_two_process_distributed_run_on_cpu_reports_metrics(synth_root, in_tmp_d
     assert result["nproc"] == 2
     assert result["config"]["world_size"] == 2
     assert 0.0 <= result["test"]["ndcg@10"] <= 1.0
+
+
+@pytest.mark.skipif(not Path("/proc/sys/net/ipv4/ip_local_port_range").exists(), reason="Linux's port ranges")
+def test_rank_zero_listens_below_the_ephemeral_ports_a_connecting_rank_may_be_given():
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {_free_port() for _ in range(20)}
+    assert all(1024 <= port < low for port in ports) and len(ports) > 1
 
 
 def hang(rank: int, folder: str) -> None:

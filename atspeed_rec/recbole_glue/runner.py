@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -234,7 +235,17 @@ def run_single(model: str, dataset: str, config_files=None, overrides=None, save
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
+    """A free port for rank 0's store, below the kernel's ephemeral range where it can: an ephemeral
+    port can be handed to another rank's own socket while it retries connecting before rank 0
+    listens, and TCP then connects that socket to itself, leaving both ranks waiting on each other."""
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        pick = random.Random()  # seeded by the OS, not the run's seed: two runs at once pick apart
+        for port in (pick.randrange(max(1024, low // 2), low) for _ in range(50)):
+            with socket.socket() as s, contextlib.suppress(OSError):
+                s.bind(("127.0.0.1", port))
+                return port
+    with socket.socket() as s:  # no such range (not Linux) or none free: any port the kernel gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
