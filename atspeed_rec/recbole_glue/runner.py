@@ -287,8 +287,8 @@ def spawn_ranks(fn, nproc: int, args: tuple) -> None:
     ranks = torch.multiprocessing.start_processes(_stacks_on_request, args=(fn, *args), nprocs=nproc,
                                                   join=False, start_method="spawn")
     try:
-        while not ranks.join():
-            pass
+        while not ranks.join(timeout=1):  # wake each second: Python runs a signal's handler (Ctrl-C) only
+            pass                          # in the main thread, and a wait without a timeout may never return
     except BaseException:
         alive = [p for p in ranks.processes if p.is_alive()]
         for p in alive:
