@@ -290,10 +290,11 @@ def spawn_ranks(fn, nproc: int, args: tuple) -> None:
         while not ranks.join(timeout=1):  # wake each second: Python runs a signal's handler (Ctrl-C) only
             pass                          # in the main thread, and a wait without a timeout may never return
     except BaseException:
-        alive = [p for p in ranks.processes if p.is_alive()]
+        alive = [p for p in ranks.processes if p.is_alive()]  # none when a rank failed: torch ended the rest
         for p in alive:
             os.kill(p.pid, signal.SIGUSR1)
-        time.sleep(1)  # let faulthandler write the stacks
+        if alive:
+            time.sleep(1)  # let faulthandler write the stacks
         for p in alive:
             p.terminate()
             p.join(10)
