@@ -291,10 +291,9 @@ def spawn_ranks(fn, nproc: int, args: tuple) -> None:
             pass                          # in the main thread, and a wait without a timeout may never return
     except BaseException:
         alive = [p for p in ranks.processes if p.is_alive()]  # none when a rank failed: torch ended the rest
-        for p in alive:
+        for p in alive:  # one at a time, so the stacks do not interleave on the shared stderr
             os.kill(p.pid, signal.SIGUSR1)
-        if alive:
-            time.sleep(1)  # let faulthandler write the stacks
+            time.sleep(0.5)
         for p in alive:
             p.terminate()
             p.join(10)
