@@ -64,7 +64,7 @@ def evaluate(args, label: str, overrides: dict) -> dict:
     requests = common.sample_requests(test, model.prompt, args.requests, args.batch, config["seed"], config["device"])
     search = {"beam_search": lambda ids, mask: beam_search(model.lm, model.trie, model.vocab, ids, mask, model.num_beams)}
     with torch.no_grad():
-        seconds, beams = common.interleaved(search, requests, args.warmup, progress=label)["beam_search"]
+        seconds, beams, _ = common.interleaved(search, requests, args.warmup, progress=label)["beam_search"]
     return {"config": config, "path": path, "users": sum(r.users for r in requests),
             "ms": 1000 * seconds / args.batch,
             "metrics": common.recbole_metrics(config, requests, beams, model.num_beams),

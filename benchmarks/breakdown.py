@@ -58,7 +58,7 @@ def rows_for(s, mode: str, k: int, tree, requests, warmup: int) -> list[dict]:
     generator = decoders.generator(s)
     fns = {"speculative": decoders.spec_fn(s.model, mode, k, tree, generator),
            decoders.BASELINE_OF_MODE[mode]: decoders.baseline_fn(s.model, mode, k, generator)}
-    medians = common.interleaved(fns, requests, warmup)  # {search: (median seconds, outputs)}
+    medians = common.interleaved(fns, requests, warmup)  # {search: Timing (median seconds, outputs, times)}
     rows = [{"mode": mode, "search": search, "ms": 1e3 * medians[search][0], **stage_shares(fn, requests),
              "calls": statistics.mean(map(target_calls, medians[search][1]))} for search, fn in fns.items()]
     rows[0]["speedup"] = rows[1]["ms"] / rows[0]["ms"]

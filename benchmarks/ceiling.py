@@ -100,7 +100,7 @@ def benchmark(args) -> None:
     requests = decoders.requests(args, served, test, 1)
     n = args.draft_beams or int(s.config["draft_beams"])
     timings = common.interleaved(passes(s.model, args.k, args.tree, n, requests), requests, args.warmup)
-    ms = {name: 1e3 * seconds for name, (seconds, _) in timings.items()}
+    ms = {name: 1e3 * seconds for name, (seconds, *_) in timings.items()}
     search, level = ms["target-only search"], ms[f"draft prompt + level (N = {n})"]
     rows = [[name, f"{t:.2f}", f"{search / t:.2f}x" if name.startswith("target prompt +") else ""]
             for name, t in ms.items()]

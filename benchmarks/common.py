@@ -21,6 +21,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -201,9 +202,15 @@ def sample_requests(test, prompt, n: int, batch: int, seed: int, device) -> list
     return out
 
 
+class Timing(NamedTuple):
+    seconds: float  # the median over the timed request batches
+    outputs: list  # fn's output on every request batch, the untimed ones too
+    times: list[float]  # seconds of each timed request batch, in request order
+
+
 def interleaved(fns: dict, requests: list[Request], warmup: int, progress: str | None = None) -> dict:
-    """Every fn on every request batch, the order rotated per batch: {name: (median seconds after
-    the first `warmup` batches (at most half), [outputs])}. On a GPU each timing waits for its kernels.
+    """Every fn on every request batch, the order rotated per batch: {name: Timing} over the batches after
+    the first `warmup` (at most half). On a GPU each timing waits for its kernels.
     `progress`: the label of a progress bar over the batches (none by default)."""
     names, times, outs = list(fns), {n: [] for n in fns}, {n: [] for n in fns}
     warmup = min(warmup, len(requests) // 2)
@@ -214,7 +221,13 @@ def interleaved(fns: dict, requests: list[Request], warmup: int, progress: str |
             outs[name].append(out)
             if i >= warmup:
                 times[name].append(seconds)
-    return {n: (statistics.median(times[n]), outs[n]) for n in names}
+    return {n: Timing(statistics.median(times[n]), outs[n], times[n]) for n in names}
+
+
+def mean_ratio(baseline: Timing, spec: Timing) -> float:
+    """The paper's speedup: each request batch's baseline time / its speculative time, averaged. Beside the
+    ratio of medians it sees the minority of requests that need a second target call."""
+    return statistics.mean(b / s for b, s in zip(baseline.times, spec.times))
 
 
 # ---------------------------------------------------------------- RecBole's metrics

@@ -201,16 +201,17 @@ def measure(s: Served, mode: str, requests, k: int, tree: Tree, warmup: int, hf:
     if hf:
         fns["hf"] = lambda ids, mask: hf_beam_search(t.lm, t.trie, t.vocab, ids, mask, k)
     res = common.interleaved(fns, requests, warmup)
-    spec_t, spec_out = res["spec"]
+    spec_t, spec_out, _ = res["spec"]
     beams = [b for b, _ in spec_out]
-    search_t, target = res["ours" if mode == "strict" else "beam_search"]
+    search_t, target, _ = res["ours" if mode == "strict" else "beam_search"]
     decoded = {"speculative": beams, "beam_search": target}
     if mode == "relaxed":
         decoded["beam_sample"] = res["ours"][1]
     n = f"{tree.n} (best {tree.budget} nodes)" if tree.budget else tree.n
     row = {"mode": mode, "k": k, "batch": requests[0].users, "n": n, "gamma": tree.gamma, "start": tree.start,
            "users": sum(r.users for r in requests), "spec_ms": 1000 * spec_t, "ours_ms": 1000 * res["ours"][0],
-           "speedup": res["ours"][0] / spec_t, "search_ms": 1000 * search_t, "speedup_search": search_t / spec_t,
+           "speedup": res["ours"][0] / spec_t, "speedup_mean": common.mean_ratio(res["ours"], res["spec"]),
+           "search_ms": 1000 * search_t, "speedup_search": search_t / spec_t,
            "hf_ms": 1000 * res["hf"][0] if hf else None,
            "speedup_hf": res["hf"][0] / spec_t if hf else None,
            "identical": sum(bool(torch.equal(b.items, r.items)) for b, r in zip(beams, target)),
@@ -247,7 +248,7 @@ def compare_switch(args, s: Served, requests, off, names: tuple[str, str]) -> li
             fns[f"search {how}"] = switched(lms, on, off, baseline_fn(s.model, "strict", k, None))
             fns[f"speculative {how}"] = switched(lms, on, off, lambda ids, mask: spec(ids, mask)[0])
         res = common.interleaved(fns, requests, args.warmup)
-        ms = {name: 1e3 * seconds for name, (seconds, _) in res.items()}
+        ms = {name: 1e3 * seconds for name, (seconds, *_) in res.items()}
         a, b = names
         for what in ("search", "speculative"):
             same = sum(torch.equal(x.items, y.items) for x, y in zip(res[f"{what} {a}"][1], res[f"{what} {b}"][1]))

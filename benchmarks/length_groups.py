@@ -88,7 +88,7 @@ def benchmark(args) -> None:
         timed = common.interleaved({(name, g): grouped(fn, g) for name, fn in fns.items() for g in groups},
                                    requests, args.warmup, progress=f"batch {batch}")
         whole = {}  # name -> the batches decoded whole: what grouped outputs are checked against
-        for (name, g), (seconds, outs) in timed.items():
+        for (name, g), (seconds, outs, _) in timed.items():
             same = "-"  # relaxed draws differ with the grouping: no item-for-item check
             if name == "beam_search" or name.startswith("strict"):
                 if name not in whole:

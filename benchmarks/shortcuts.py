@@ -51,10 +51,10 @@ def measure(s, requests, k: int, tree, warmup: int, shortcut: str) -> dict:
     for name, on in zip(names, (False, True)):
         fns[name] = decoders.spec_fn(s.model, "strict", k, tree, None, **{shortcut: on})
     res = common.interleaved(fns, requests, warmup)
-    ours_t, target = res["ours"]
+    ours_t, target, _ = res["ours"]
     row = {"k": k, "tree": tree, "ours_ms": 1000 * ours_t}
     for name in names:
-        seconds, out = res[name]
+        seconds, out, _ = res[name]
         stats = [st for _, st in out]
         accepted, calls, _ = decoders.acceptance(stats)
         per_request = {field: sum(float(getattr(st, field).sum()) for st in stats) / len(requests)
