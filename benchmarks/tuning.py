@@ -4,7 +4,7 @@ The main command decodes at one K (`num_beams`), and with `tree_candidates` set 
 every candidate tree that can serve that K (N, and a node budget, >= K) and the configured tree against the
 target's own search, on its first requests decoded alone, and serves the fastest (`AtSpeedS.tune_tree`).
 This script runs that tuning at each K of `--ks` on sampled test users (the first request warms up), as the
-test pass of a run with `num_beams` = K would, without retraining anything: every tree's median time per
+test pass of a run with `num_beams` = K would, without retraining anything: every tree's mean time per
 request, the target's own search's, and the choice.
 
     python benchmarks/tuning.py --dataset=amazon-beauty --data_path=DIR --ks=1,3,5
@@ -69,9 +69,9 @@ def benchmark(args) -> None:
     lines = decoders.header(args, "The serving tree the test pass's tuning picks, by K", served)
     lines += [f"Each K: the config's tree and its `tree_candidates` that can serve K (N, and a node budget, >= K), "
               f"decoded alone on {n - 1} test users (sampled with the config's seed) after one warm-up, "
-              "interleaved with the target's own search; median ms per request. The fastest tree is served, or "
+              "interleaved with the target's own search; mean ms per request. The fastest tree is served, or "
               "the target's own search where it is faster (`serve_target_if_faster`).", "",
-              *common.table(["mode", "K", "trees timed (median ms)", "target's own search ms", "served",
+              *common.table(["mode", "K", "trees timed (mean ms)", "target's own search ms", "served",
                              "best tree's speedup"], rows)]
     common.write(lines, args.output)
 

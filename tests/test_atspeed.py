@@ -138,13 +138,16 @@ def tuning_model(synth_root, in_tmp_dir, cls=AtSpeedS, **extra) -> tuple[AtSpeed
 
 
 def slow_trees(monkeypatch, delay: dict) -> list:
-    """Each speculative search sleeps `delay[(N, gamma)]` seconds first; returns the trees served, in order."""
+    """Each speculative search sleeps `delay[(N, gamma)]` seconds first (or `delay[(N, gamma)](i)` on the tree's
+    i-th call); returns the trees served, in order."""
     served = []
 
     def slowed(*args, **kwargs):
         assert kwargs["draft_start"] == 0
-        served.append(args[7:9])  # (N, gamma)
-        time.sleep(delay[args[7:9]])
+        tree = args[7:9]  # (N, gamma)
+        wait = delay[tree]
+        time.sleep(wait(served.count(tree)) if callable(wait) else wait)
+        served.append(tree)
         return speculative_beam_search(*args, **kwargs)
 
     monkeypatch.setattr(atspeed, "speculative_beam_search", slowed)
@@ -169,6 +172,18 @@ def test_the_test_pass_serves_the_fastest_of_the_candidate_trees_that_fit_its_k(
         model, _ = tuning_model(synth_root, in_tmp_dir, tree_candidates=[[10, 2]])
     assert "cannot serve K=20 (N, and a budget, must be >= K): not timed; serving the configured tree" in caplog.text
     assert model.tree_tuned and model.tree == (40, 1, 0, 0)
+
+
+def test_the_tuning_picks_by_mean_time_so_a_slow_minority_of_requests_counts(synth_root, in_tmp_dir, monkeypatch):
+    model, batches = tuning_model(synth_root, in_tmp_dir, tree_tuning_requests=4)
+    model.fallback = False
+    # (20, 1): fast on 3 requests of 4, then 0.4 s (a second target call, say): the best median, a mean of 0.1 s;
+    # (20, 3): 0.05 s on every request; (40, 1): 0.2 s on every request
+    slow_trees(monkeypatch, {(20, 1): lambda i: 0.4 if i % 4 == 3 else 0.0, (20, 3): 0.05, (40, 1): 0.2})
+    with torch.no_grad():
+        ms, _ = model.tune_tree(*model.target.prompt(batches[0]))
+    assert model.tree == (20, 3, 0, 0)
+    assert ms[(20, 1, 0, 0)] > ms[(20, 3, 0, 0)]
 
 
 def test_the_tuning_warns_when_no_tree_beats_the_targets_own_search(synth_root, in_tmp_dir, monkeypatch, caplog):
