@@ -122,9 +122,9 @@ def test_a_non_positive_sampling_temperature_is_refused(synth_root, in_tmp_dir, 
     assert "sample_temperature=0.0" in capsys.readouterr().err
 
 
-def tuning_model(synth_root, in_tmp_dir, cls=AtSpeedS, **extra) -> tuple[AtSpeedS, list]:
+def tuning_model(synth_root, in_tmp_dir, cls=AtSpeedS, loader=False, **extra) -> tuple[AtSpeedS, list]:
     """A trained AtSpeedS (served as `cls`) about to test, with candidate trees (20, 1) and (20, 3) beside its own
-    (40, 1), and the test split's batches."""
+    (40, 1), and the test split's batches (or, with `loader`, its dataloader)."""
     assert run(synth_root, "AtSpeedS", in_tmp_dir / "s.json") == 0  # trains; the tuning decodes only
     config = build_config("AtSpeedS", "synth", [str(synth_root / "synth.yaml")],
                           {"data_path": str(synth_root), **SMALL, "tree_candidates": [[20, 1], [20, 3]],
@@ -134,7 +134,7 @@ def tuning_model(synth_root, in_tmp_dir, cls=AtSpeedS, **extra) -> tuple[AtSpeed
     load_checkpoint(model, next((in_tmp_dir / "saved").glob("AtSpeedS-synth-*.safetensors")))
     model.eval()
     model.start_evaluation("test")
-    return model, [batch for batch, *_ in test]
+    return model, test if loader else [batch for batch, *_ in test]
 
 
 def slow_trees(monkeypatch, delay: dict) -> list:
@@ -184,6 +184,28 @@ def test_the_tuning_picks_by_mean_time_so_a_slow_minority_of_requests_counts(syn
         ms, _ = model.tune_tree(*model.target.prompt(batches[0]))
     assert model.tree == (20, 3, 0, 0)
     assert ms[(20, 1, 0, 0)] > ms[(20, 3, 0, 0)]
+
+
+def test_requests_timed_alone_are_a_seeded_sample_of_the_test_users_decoded_before_the_first_batch(
+        synth_root, in_tmp_dir, monkeypatch):
+    model, test = tuning_model(synth_root, in_tmp_dir, loader=True, speedup_requests=10)
+    def tokens(ids, mask):  # each request's prompt, without its padding
+        return [tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask)]
+
+    timed_alone = []  # the prompts the target decodes alone
+    monkeypatch.setattr(model, "target_alone", lambda ids, mask: timed_alone.extend(tokens(ids, mask)))
+    model.start_evaluation("test", test)
+    sample = tokens(*model.target.prompt(model.sample))
+    assert len(sample) == 10  # the requests timed alone (the tuning's 3, after a warm-up, are the first 4)
+    batches = [batch for batch, *_ in test]
+    assert sample != tokens(*model.target.prompt(batches[0]))[:10]  # not the test order's first users
+    with torch.no_grad():
+        for batch in batches:
+            model.full_sort_predict(batch)
+    assert timed_alone == sample[:4] + [sample[0]] + sample  # the tuning; then a warm-up and the 10 timed
+    assert len(model.spec_meter.single_spec_ms) == 10
+    model.start_evaluation("test", test)  # the next test pass draws the same users
+    assert tokens(*model.target.prompt(model.sample)) == sample
 
 
 def test_the_tuning_warns_when_no_tree_beats_the_targets_own_search(synth_root, in_tmp_dir, monkeypatch, caplog):

@@ -18,8 +18,8 @@ class ProjectModel(SequentialRecommender):
     # Speculative-decoding statistics gathered during an evaluation (`metrics.SpecMeter`), or None.
     spec_meter = None
 
-    def start_evaluation(self, phase: str) -> None:
-        """Called by the trainer before each evaluation; `phase` is "valid" or "test"."""
+    def start_evaluation(self, phase: str, eval_data=None) -> None:
+        """Called by the trainer before each evaluation; `phase` is "valid" or "test", `eval_data` its dataloader."""
 
     def decoding(self) -> str | None:
         """How the test split is decoded, for the log (None: nothing to say)."""

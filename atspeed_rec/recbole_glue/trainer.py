@@ -155,7 +155,7 @@ class SafeCheckpointTrainer(Trainer):
             load_checkpoint(self.model, path)
             self.logger.info(f"Loading model parameters from {path}")
         if isinstance(self.model, ProjectModel):
-            self.model.start_evaluation(self._phase)
+            self.model.start_evaluation(self._phase, eval_data)
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
 
     def _valid_epoch(self, valid_data, show_progress=False):
