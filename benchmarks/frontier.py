@@ -43,12 +43,13 @@ def run_frontier(s, mode: str, requests, k: int, grid, warmup: int) -> list[dict
     res = common.interleaved(fns, requests, warmup)
     rows = []
     for n, g, start, budget in grid:
-        spec_t, out, _ = res[(n, g, start, budget)]
+        spec = res[(n, g, start, budget)]
+        spec_t, out = spec.seconds, spec.outputs
         accepted, calls, rate = decoders.acceptance([stats for _, stats in out])
         rows.append({"mode": mode, "k": k, "n": n, "gamma": g, "start": start, "budget": budget,
                      "spec_ms": 1000 * spec_t,
                      "ours_ms": 1000 * res["ours"][0], "speedup": res["ours"][0] / spec_t,
-                     "speedup_mean": common.mean_ratio(res["ours"], res[(n, g, start, budget)]),
+                     "speedup_mean": common.mean_ratio(res["ours"], spec),
                      "accepted": accepted, "calls": calls, "rate": rate,
                      "by_code": decoders.acceptance_by_code([stats for _, stats in out])})
     return rows

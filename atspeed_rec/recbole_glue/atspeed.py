@@ -282,8 +282,8 @@ class AtSpeedS(ProjectModel):
                                      "is off, or the relaxed rule has no target-only twin)"))
 
     def tune_tree(self, input_ids, mask) -> tuple[dict, float]:
-        """Serve the fastest tree of `tree_candidates` and the configured one: each decodes the batch's
-        first `tree_tuning_requests` requests alone (batch 1), the trees and the target's own search
+        """Serve the fastest tree of `tree_candidates` and the configured one: each decodes the first
+        `tree_tuning_requests` of these requests alone (batch 1), the trees and the target's own search
         interleaved per request, after one warm-up request; the mean time per request decides (a tree whose
         second target call falls on a minority of requests pays for it there, which a median would not see), and
         a warning says so when no tree beats the target's search (with `fallback`, the test pass then serves the
