@@ -5,8 +5,8 @@ the config's seed) are decoded by speculative beam search, by our target-only ba
 `beam_search`; relaxed: `beam_sample`) and by Hugging Face `generate` beam search (both modes),
 interleaved per request batch. The first `--warmup` batches of a setting are not timed; speedup =
 median baseline time / median speculative time, and beside it the paper's mean of per-request ratios.
-Recall/NDCG come from RecBole's evaluator (the config's metrics, at its topk cut-offs up to K, K itself when none is), for the speculative output,
-the target's `beam_search` and, in relaxed mode, `beam_sample`.
+Recall/NDCG come from RecBole's evaluator (the config's metrics, at its topk cut-offs up to K, K itself
+when none is), for the speculative output, the target's `beam_search` and, in relaxed mode, `beam_sample`.
 
     python benchmarks/speculative.py --dataset=amazon-beauty --data_path=DIR
 
