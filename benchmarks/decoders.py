@@ -153,17 +153,19 @@ def requests(args, served: dict, test, batch: int) -> list[common.Request]:
                                   s.config["device"])
 
 
-def spec_fn(model, mode: str, k: int, tree: Tree, generator, bound: bool = True, trie_fill: bool = True):
+def spec_fn(model, mode: str, k: int, tree: Tree, generator, bound: bool = True, trie_fill: bool = True,
+            skip_decided: bool = True):
     t = model.target
     return lambda ids, mask: speculative_beam_search(t.lm, model.draft, t.trie, t.vocab, ids, mask, k, tree.n,
                                                      tree.gamma, mode, generator, model.temperature, model.last_level,
-                                                     bound, model.relaxed_rule, tree.start, trie_fill, tree.budget)
+                                                     bound, model.relaxed_rule, tree.start, trie_fill, tree.budget,
+                                                     skip_decided)
 
 
-def baseline_fn(model, mode: str, k: int, generator):
+def baseline_fn(model, mode: str, k: int, generator, skip_decided: bool = True):
     t = model.target
     if mode == "strict":
-        return lambda ids, mask: beam_search(t.lm, t.trie, t.vocab, ids, mask, k)
+        return lambda ids, mask: beam_search(t.lm, t.trie, t.vocab, ids, mask, k, skip_decided=skip_decided)
     return lambda ids, mask: beam_sample(t.lm, t.trie, t.vocab, ids, mask, k, generator, model.temperature,
                                          model.last_level)
 

@@ -9,6 +9,10 @@ when the K-th best child of the drafted pairs scores above every undrafted pair,
 the level is filled from the trie instead of a draft pass (`draft_tree`): it always passes, and a tree
 drafting only a late code (`draft_start`), which the trie nearly decides, often needs no draft call.
 
+`--shortcut=skip_decided`: a target pass does not feed the tree nodes (or, at the last code, the beams) whose
+next code is the ID's last and the only one the trie allows: its log-prob is 0 whatever the target says. The
+target's own `beam_search` skips them too, so each row is timed against the search with the same setting.
+
 For each K (`--ks`) on its tree (`--trees`, else --draft_beams/--gamma/--draft_start, else the config's),
 batch 1, the target's own `beam_search`, strict speculative decoding without the shortcut and with it run
 interleaved on every sampled test user (the other shortcut on, as served); both speculative outputs are
@@ -29,7 +33,9 @@ import torch
 import common
 import decoders
 
-SHORTCUTS = {"bound": ("plain", "bound"), "trie_fill": ("draft pass", "trie fill")}  # names of off and on
+SHORTCUTS = {"bound": ("plain", "bound"), "trie_fill": ("draft pass", "trie fill"),  # names of off and on
+             "skip_decided": ("every token fed", "decided ones skipped")}
+IN_BEAM_SEARCH = {"skip_decided"}  # shortcuts the target-only search takes too: each row has its own baseline
 
 
 def parse_args(argv=None):
@@ -48,18 +54,24 @@ def measure(s, requests, k: int, tree, warmup: int, shortcut: str) -> dict:
     """`beam_search` and strict speculative decoding without and with `shortcut`, interleaved: one row."""
     names = SHORTCUTS[shortcut]
     fns = {"ours": decoders.baseline_fn(s.model, "strict", k, None)}
+    baseline = dict.fromkeys(names, "ours")
+    if shortcut in IN_BEAM_SEARCH:
+        fns["ours, off"] = decoders.baseline_fn(s.model, "strict", k, None, **{shortcut: False})
+        baseline[names[0]] = "ours, off"
     for name, on in zip(names, (False, True)):
         fns[name] = decoders.spec_fn(s.model, "strict", k, tree, None, **{shortcut: on})
     res = common.interleaved(fns, requests, warmup)
-    ours_t, target, _ = res["ours"]
-    row = {"k": k, "tree": tree, "ours_ms": 1000 * ours_t}
+    target = res["ours"].outputs
+    row = {"k": k, "tree": tree}
     for name in names:
+        ours_t = res[baseline[name]].seconds
         seconds, out, _ = res[name]
         stats = [st for _, st in out]
         accepted, calls, _ = decoders.acceptance(stats)
         per_request = {field: sum(float(getattr(st, field).sum()) for st in stats) / len(requests)
                        for field in ("bounded_steps", "filled_levels")}
-        row[name] = {"ms": 1000 * seconds, "speedup": ours_t / seconds, "accepted": accepted, "calls": calls,
+        row[name] = {"ours_ms": 1000 * ours_t, "ms": 1000 * seconds, "speedup": ours_t / seconds,
+                     "accepted": accepted, "calls": calls,
                      "draft_calls": sum(st.draft_calls for st in stats) / len(requests), **per_request,
                      "by_code": decoders.acceptance_by_code(stats),
                      "identical": sum(bool(torch.equal(b.items, r.items)) for (b, _), r in zip(out, target))}
@@ -89,7 +101,7 @@ def benchmark(args) -> None:
               *common.table(["K", "N", "gamma", "draft start", "target-only ms", "rule", "SD ms", "speedup",
                              "accepted steps", "of which by the bound", "filled from the trie", "target calls",
                              "draft calls", "acceptance by code", f"identical (of {users})"],
-                            [[r["k"], r["tree"].n, r["tree"].gamma, r["tree"].start, f"{r['ours_ms']:.1f}", name,
+                            [[r["k"], r["tree"].n, r["tree"].gamma, r["tree"].start, f"{m['ours_ms']:.1f}", name,
                               f"{m['ms']:.1f}", f"{m['speedup']:.2f}x", f"{m['accepted']:.2f}",
                               f"{m['bounded_steps']:.2f}", f"{m['filled_levels']:.2f}", f"{m['calls']:.2f}",
                               f"{m['draft_calls']:.2f}", m["by_code"], m["identical"]]

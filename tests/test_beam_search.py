@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import atspeed_rec.decoding.beam_search as search
+import atspeed_rec.decoding.tree as tree_module
 from atspeed_rec.decoding.beam_search import beam_search
 from atspeed_rec.decoding.hf_generate import hf_beam_search
 from atspeed_rec.models.item_embedding import ItemTokenEmbedding
@@ -43,6 +45,30 @@ def test_steps_the_trie_decides_for_every_beam_skip_the_model_and_change_nothing
     torch.testing.assert_close(ours.scores, hf.scores, atol=1e-4, rtol=1e-4)
     if k == 1:  # one beam per request: at least its last code is the trie's (these prefixes have one item)
         assert ours.forward_calls < 4
+
+
+def test_the_last_step_feeds_only_the_beams_left_a_choice_of_last_code_and_changes_nothing(monkeypatch):
+    vocab = CodeVocab(levels=4, codebook_size=8)
+    codes = random_ids(300, 4, 8, 6)
+    item_codes = torch.cat([torch.full((1, 4), -1), codes])
+    trie = CodeTrie(codes, 8, item_offset=1)
+    model = random_lm(vocab.size, 6)
+    input_ids, mask = random_prompts(item_codes, vocab, batch=1, max_hist=5, seed=6)
+    fed, last = [], []
+    real_forward, real_beams = tree_module.lm_forward, search.last_code_beams
+    monkeypatch.setattr(tree_module, "lm_forward", lambda m, v, tokens, *a: fed.append(tokens.shape[1])
+                        or real_forward(m, v, tokens, *a))
+    monkeypatch.setattr(search, "last_code_beams", lambda t, beams, level: last.append(beams)
+                        or real_beams(t, beams, level))
+    ours = beam_search(model, trie, vocab, input_ids, mask, num_beams=10)
+    choice = (trie.only_code(last[-1].nodes, 3) < 0) & (last[-1].scores > float("-inf"))  # [1, 10]
+    assert 0 < fed[-1] == int(choice.sum()) < 10  # 3 codes of 300 IDs over 8: many prefixes have one item
+    every = beam_search(model, trie, vocab, input_ids, mask, num_beams=10, skip_decided=False)
+    assert fed[-1] == 10 and torch.equal(every.items, ours.items)
+    torch.testing.assert_close(every.scores, ours.scores, atol=1e-5, rtol=1e-6)
+    hf = hf_beam_search(model, trie, vocab, input_ids, mask, 10)  # a model call at every step, every beam fed
+    assert torch.equal(ours.items, hf.items)
+    torch.testing.assert_close(ours.scores, hf.scores, atol=1e-4, rtol=1e-4)
 
 
 def test_the_trie_names_the_one_code_a_prefix_allows():

@@ -227,18 +227,50 @@ def test_the_target_is_fed_no_dead_tree_nodes():
             assert (first == torch.arange(8)).all()
 
 
+def node_paths(tree: DraftTree, j: int):
+    """`[G, N, j + 1]` the codes from the root beam (empty) to each node of level j."""
+    path, node = [tree.codes[:, j]], torch.arange(tree.codes.shape[-1]).expand(tree.codes.shape[0], -1)
+    for i in range(j, 0, -1):
+        node = tree.parents[:, i].gather(1, node)
+        path.insert(0, tree.codes[:, i - 1].gather(1, node))
+    return torch.stack(path, -1)
+
+
+def test_the_target_is_not_fed_leaves_whose_last_code_the_trie_decides_and_strict_output_is_unchanged():
+    codes, trie, target, draft = world(1)
+    ids, mask = prompts(codes, 1, 1)
+    root = Beams(codes.new_zeros(1, 1, 0), torch.zeros(1, 1), trie.root_nodes(1, 1))
+    shallow, *_ = draft_tree(draft, None, mask, root, trie, VOCAB, 2, 6, "strict", prompt_ids=ids, skip_decided=True)
+    assert shallow.unfed is None  # its leaves hold the 2nd code of 4: the target's output after them is needed
+    tree, *_ = draft_tree(draft, None, mask, root, trie, VOCAB, 3, 6, "strict", prompt_ids=ids, skip_decided=True)
+    last = trie.only_code(trie.walk(node_paths(tree, 2)), 3) >= 0  # [1, N] one valid 4th code
+    assert torch.equal(tree.unfed[:, 2], tree.alive[:, 2] & last) and not tree.unfed[:, :2].any()
+    assert 0 < int(tree.unfed.sum()) < int(tree.alive[:, 2].sum())  # some leaves are decided, some are not
+    _, _, kv = tree_forward(target, VOCAB, mask, root.codes, tree, prompt_ids=ids,
+                            ancestors=root.codes.new_zeros(1, 1, 0))
+    assert kv[0][0].shape[2] == ids.shape[1] + int((tree.alive & ~tree.unfed).sum())  # the prompt + nodes fed
+    ref = beam_search(target, trie, VOCAB, ids, mask, 3)
+    for k_draft, start in [(6, 0), (20, 1), (3, 2)]:  # trees reaching the 3rd code from each start
+        for skip in (True, False):
+            spec, _ = speculative_beam_search(target, draft, trie, VOCAB, ids, mask, 3, k_draft, gamma=3,
+                                              draft_start=start, skip_decided=skip)
+            assert_same_as_beam_search(spec, ref)
+
+
 def test_a_budget_keeps_the_best_nodes_by_draft_score_with_their_ancestors_and_the_target_feeds_only_them():
     codes, trie, target, draft = world(2)
     ids, mask = prompts(codes, 3, 2)
     root = Beams(codes.new_zeros(3, 1, 0), torch.zeros(3, 1), trie.root_nodes(3, 1))
     full, *_ = draft_tree(draft, None, mask, root, trie, VOCAB, 3, 6, "strict", prompt_ids=ids)
-    tree, *_ = draft_tree(draft, None, mask, root, trie, VOCAB, 3, 6, "strict", prompt_ids=ids, budget=7)
+    tree, *_ = draft_tree(draft, None, mask, root, trie, VOCAB, 3, 6, "strict", prompt_ids=ids, budget=7,
+                          skip_decided=True)
     assert (tree.alive.sum((1, 2)) == 7).all() and torch.equal(tree.codes, full.codes[..., :tree.codes.shape[-1]])
     for j in range(1, 3):  # a kept node's parent is kept
         parent_alive = tree.alive[:, j - 1].gather(1, tree.parents[:, j])
         assert (parent_alive | ~tree.alive[:, j]).all()
     slots = tree.fed_slots()
-    assert slots is not None and int((slots >= 0).sum()) == int(tree.alive.flatten(1).any(0).sum())
+    fed = tree.alive & ~tree.unfed  # the last level holds the 3rd code of 4: leaves with one valid 4th go unfed
+    assert slots is not None and int((slots >= 0).sum()) == int(fed.flatten(1).any(0).sum())
     _, _, kv = tree_forward(target, VOCAB, mask, root.codes, tree, prompt_ids=ids,
                             ancestors=root.codes.new_zeros(3, 1, 0))
     assert kv[0][0].shape[2] == ids.shape[1] + int((slots >= 0).sum())  # the prompt + the nodes live somewhere

@@ -6,14 +6,14 @@ of its codes' log-probabilities renormalised over the codes the trie allows, i.e
 the item under the constrained model, which is what GenRec is trained on.
 Differences from `generate`: the prompt is encoded once per request (its text prefix once per model:
 `models/prefix_cache.py`) and the KV cache is SHARED by the request's K beams (never copied per
-beam, never reordered): each step feeds only each beam's
-newest code (`tree.tree_forward`), the cache keeps every token fed, and an attention mask lets a
-beam's token see the prompt and its own ancestors, found by their cache indices. With a history of
-~80 tokens and 4-code IDs, copying the cache per beam cost more than the model itself; re-feeding
-each beam's whole path every step cost up to 3x the tokens. A step where every live beam has only
-one valid code makes no model call (its log-prob is 0: see `forced`). Codes are scored over their
-level's C tokens only, and the trie walk is one gather per step. This search is both the speed
-baseline and the verifier that speculative decoding must reproduce.
+beam, never reordered): each step feeds only each beam's newest code (`tree.tree_forward`), the cache
+keeps every token fed, and an attention mask lets a beam's token see the prompt and its own ancestors,
+found by their cache indices. With a history of ~80 tokens and 4-code IDs, copying the cache per beam
+cost more than the model itself; re-feeding each beam's whole path every step cost up to 3x the tokens.
+A step where every live beam has only one valid code makes no model call (its log-prob is 0: see
+`forced`), and the last step feeds only the beams with a choice left (`last_code_beams`). Codes are
+scored over their level's C tokens only, and the trie walk is one gather per step. This search is both
+the speed baseline and the verifier that speculative decoding must reproduce.
 """
 
 from __future__ import annotations
@@ -105,13 +105,15 @@ def extend_beams(beams: Beams, parent: torch.Tensor, code: torch.Tensor, score: 
 @torch.no_grad()
 def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, num_beams: int, select=select_top_k, last_select=None,
-                keep_logprobs: bool = False) -> BeamResult:
+                keep_logprobs: bool = False, skip_decided: bool = True) -> BeamResult:
     """Top-`num_beams` valid items for each left-padded prompt `input_ids [B, P]`.
 
     `select(beam_scores, code_lp, k) -> (parent, code, score)` keeps k (parent, code) pairs per
     step: the top k here, k sampled without replacement for beam sampling (`sampling.py`);
     `last_select` (default: `select`) keeps the k items at the last code. `keep_logprobs`: also
-    return each final beam's code distributions along its path (`BeamResult.code_logprobs`).
+    return each final beam's code distributions along its path (`BeamResult.code_logprobs`). `skip_decided`
+    (lossless, the default): the last step feeds only the beams the trie leaves a choice (`last_code_beams`);
+    False feeds every beam, for comparison.
     """
     B, K, L, C, dev = input_ids.shape[0], num_beams, vocab.levels, vocab.codebook_size, input_ids.device
     beams = Beams(input_ids.new_zeros(B, 1, 0), torch.zeros(B, 1, device=dev), trie.root_nodes(B, 1))
@@ -129,10 +131,14 @@ def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor
         else:
             with record_function(STAGES["target"]):  # the prompts, then the beams' codes not yet fed
                 T, H, fed = kv[0][0].shape[2] if kv else 0, beams.codes.shape[1], level - ancestors.shape[-1]
-                logprobs, _, kv = tree_forward(model, vocab, attention_mask, beams.codes, no_tree, kv,
-                                               input_ids if level == 0 else None, ancestors)  # [B, H, L * C]
-                new = T + torch.arange(H * fed, device=dev).view(1, H, fed)  # where they went in the cache
-                ancestors = torch.cat([ancestors, new.expand(B, H, fed)], -1)
+                last = skip_decided and 0 < level == L - 1
+                sub = last_code_beams(trie, beams, level) if last else None  # at the last code: the
+                paths, anc = gathered(sub, beams.codes, ancestors)  # beams the trie leaves a choice only
+                logprobs, _, kv = tree_forward(model, vocab, attention_mask, paths, no_tree, kv,
+                                               input_ids if level == 0 else None, anc)  # [B, H or m, L * C]
+                logprobs = spread(sub, logprobs, H)  # [B, H, L * C]
+                new = T + torch.arange(H * fed, device=dev).view(1, H, fed)  # where they went in the cache (all H
+                ancestors = torch.cat([ancestors, new.expand(B, H, fed)], -1)  # fed; no pass follows the last)
             calls += 1
             code_lp = masked_code_logprobs(logprobs, vocab, trie, beams.nodes, level)  # [B, H, C]
         with record_function(STAGES["verify"]):
@@ -151,9 +157,37 @@ def beam_search(model, trie: CodeTrie, vocab: CodeVocab, input_ids: torch.Tensor
 def forced(trie: CodeTrie, beams: Beams, level: int) -> bool:
     """True when every live beam has exactly one valid code at `level`: its log-prob renormalised over
     the valid codes is 0 whatever the model says, so the step needs no model call. Semantic IDs whose
-    last code only tells apart items sharing a prefix make most last steps so (amazon-beauty: 96% of
-    3-code prefixes and 79% of 2-code ones have one child)."""
+    last code only tells apart items sharing a prefix make many last steps so (amazon-beauty's 3-code IDs:
+    64% of 2-code prefixes have one child)."""
     return bool(((trie.only_code(beams.nodes, level) >= 0) | (beams.scores == NEG_INF)).all())
+
+
+def last_code_beams(trie: CodeTrie, beams: Beams, level: int) -> torch.Tensor | None:
+    """At the ID's last code (`level` L - 1), the beams a pass must feed `[B, m]`: those with several valid last
+    codes first, m the most any request has (< H), or None when all H need it. A beam whose last code the trie
+    decides (log-prob 0 whatever the model says) or an empty one needs no model output, and after the last code
+    no pass needs its KV (amazon-beauty: 64% of 2-code prefixes, those of 36% of the items, have one child)."""
+    need = (trie.only_code(beams.nodes, level) < 0) & (beams.scores > NEG_INF)  # [B, H]
+    m = int(need.sum(-1).max())
+    if m == need.shape[1]:
+        return None
+    return need.long().argsort(dim=-1, descending=True, stable=True)[:, :m]
+
+
+def gathered(sub: torch.Tensor | None, *per_beam: torch.Tensor):
+    """Each `[B, H, ...]` tensor at the beams `sub [B, m]` (`last_code_beams`), or as is when `sub` is None."""
+    if sub is None:
+        return per_beam
+    return tuple(t.gather(1, sub.view(*sub.shape, 1).expand(-1, -1, t.shape[-1])) for t in per_beam)
+
+
+def spread(sub: torch.Tensor | None, logprobs: torch.Tensor, H: int) -> torch.Tensor:
+    """Log-probs `[B, m, V]` of the beams `sub` back at their places among H `[B, H, V]`; 0 (finite, so the
+    trie's mask renormalises them to log-prob 0 for the one valid code) at the beams no pass fed."""
+    if sub is None:
+        return logprobs
+    return logprobs.new_zeros(logprobs.shape[0], H, logprobs.shape[-1]).scatter(
+        1, sub.unsqueeze(-1).expand(-1, -1, logprobs.shape[-1]), logprobs)
 
 
 def forced_completion(trie: CodeTrie, beams: Beams, level: int):

@@ -13,6 +13,8 @@ One round, for the requests at depth `cur` with H current beams (codes and TARGE
    parent, so they form a tree), and the target is fed only those.
 2. Target: ONE forward over the H beams' newest codes + the N*d tree tokens (first round: the prompt
    and the tree) with a tree attention mask (`tree.py`): its log-probs after every beam and tree node.
+   Nodes (or, at the last code, beams) whose next code is the ID's last and the only one the trie allows
+   are not fed: that code's log-prob is 0 whatever the target says (amazon-beauty: 64% of 2-code prefixes).
 3. Verify level i = 0..d. Strict: T_i = the top K of S_p(h) + log p(v | h), exactly what
    `beam_search` keeps; the level is accepted if every live pair of T_i is a drafted node, or if the
    pairs that are not cannot reach T_{i+1} (each child scores <= its parent's S, as log p <= 0: when
@@ -58,7 +60,8 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from atspeed_rec.decoding.beam_search import (NEG_INF, STAGES, BeamResult, Beams, extend_beams, forced_completion,
-                                              masked_code_logprobs, padded_topk, select_top_k)
+                                              gathered, last_code_beams, masked_code_logprobs, padded_topk,
+                                              select_top_k, spread)
 from atspeed_rec.decoding.sampling import check_last_level, gumbel, gumbel_top_k, sample_top_k, sort_beams
 from atspeed_rec.decoding.tree import DraftTree, cache_rows, tree_forward
 from atspeed_rec.models.prefix_cache import split_prefix
@@ -109,7 +112,7 @@ class SpecStats:  # totals for the batch; per-request tensors where noted
 
 def draft_tree(draft, kv, prompt_mask, beams: Beams, trie: CodeTrie, vocab: CodeVocab, depth: int, width: int,
                mode: str, generator=None, temperature: float = 1.0, prompt_ids=None, trie_fill: bool = False,
-               budget: int = 0):
+               budget: int = 0, skip_decided: bool = False):
     """`depth` levels of width-`width` beam search from the current beams, starting from their TARGET scores.
 
     Level j is one draft pass (`tree_forward`) over the beam paths + the j levels grown so far after the
@@ -117,6 +120,8 @@ def draft_tree(draft, kv, prompt_mask, beams: Beams, trie: CodeTrie, vocab: Code
     prompts' shared prefix). With `trie_fill`, the last level, if its valid (parent, code) pairs all fit in
     `width` (in every request), needs no pass: its nodes are all those pairs, so the target's choice is always
     drafted. (Only the last: a level after a filled one would rank its nodes by draft scores it lacks.)
+    With `skip_decided`, where the last level holds each ID's 2nd-to-last code, its nodes with one valid last
+    code are `unfed` (the target's pass need not feed them).
     Returns the tree without its dead tail (`DraftTree.trimmed`), the prompt's KV (`kv` itself while no pass
     encoded it), the draft passes made and the levels filled from the trie.
     """
@@ -151,6 +156,9 @@ def draft_tree(draft, kv, prompt_mask, beams: Beams, trie: CodeTrie, vocab: Code
         nodes = torch.where(live, trie.step(nodes.gather(1, parent), code, cur + j), 0)  # [G, N]
         tree = tree.grow(parent, code, live, logq, noise)
         level_scores.append(scores)
+    if skip_decided and tree.depth and cur + depth == vocab.levels - 1:  # each ID's 2nd-to-last code: where
+        forced_next = trie.only_code(nodes, vocab.levels - 1) >= 0  # the trie allows one last code, the target's
+        tree.unfed = F.pad((live & forced_next).unsqueeze(1), (0, 0, depth - 1, 0))  # log-prob is 0: feed none
     if budget and tree.depth:
         tree = tree.pruned(torch.stack(level_scores, 1), budget)
     return tree.trimmed(), kv, calls, filled
@@ -387,7 +395,8 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
                             mode: str = "strict", generator=None, temperature: float = 1.0,
                             last_level: str = "top_k", bound: bool = True,
                             relaxed_rule: str = "coupled", draft_start: int = 0,
-                            trie_fill: bool = True, budget: int = 0) -> tuple[BeamResult, SpecStats]:
+                            trie_fill: bool = True, budget: int = 0,
+                            skip_decided: bool = True) -> tuple[BeamResult, SpecStats]:
     """Top-`num_beams` valid items per left-padded prompt `input_ids [B, P]`, by speculative beam search.
 
     strict: the same items, order and scores (up to float noise) as `beam_search(target, ...)`; with `bound`
@@ -398,6 +407,8 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
     draft_start: the first code position the draft proposes; the codes before it are plain target steps.
     trie_fill (strict and the coupled relaxed rule, where a level holding every valid pair always passes): a
     tree's last level whose valid pairs all fit in N is filled from the trie, with no draft pass (`draft_tree`).
+    skip_decided (lossless): the target is not fed the nodes, or at the last code the beams, whose next code is the
+    ID's last and the only one the trie allows (`last_code_beams`); False feeds them, for comparison.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -424,7 +435,7 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
                       accepted_at=input_ids.new_zeros(B, L), verified_at=input_ids.new_zeros(B, L),
                       bounded_steps=input_ids.new_zeros(B))
     position = torch.arange(L, device=dev)  # code positions
-    target_kv = draft_kv = None  # the target's: every token fed (rows in other rounds get padding); the draft's: prompts
+    target_kv = draft_kv = None  # the target's: every token fed (other rounds' rows get padding); the draft's: prompts
     calls = 0
     while (depth < L).any():
         cur = int(depth[depth < L].min())
@@ -454,7 +465,8 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
             kv = None if draft_kv is None else cache_rows(draft_kv, rows)
         with record_function(STAGES["draft"]):
             tree, kv, draft_calls, filled = draft_tree(draft, kv, mask, beams, trie, vocab, d, N, mode, generator,
-                                                       temperature, input_ids[rows] if encode else None, fill, budget)
+                                                       temperature, input_ids[rows] if encode else None, fill, budget,
+                                                       skip_decided)
         if encode and draft_calls:  # every request still decoding is in this round (each round before it
             draft_kv = kv if G == B else scatter_rows(kv, rows, B)  # advanced all its rows alike: by 1, or by 2)
         stats.draft_calls += draft_calls
@@ -462,9 +474,13 @@ def speculative_beam_search(target, draft, trie: CodeTrie, vocab: CodeVocab, inp
         with record_function(STAGES["target"]):  # the beams' newest codes (their earlier ones are cached) + the tree
             if first:  # nothing cached yet but the shared prefix, if any
                 target_kv = None if prefix is None else prefix[0]
-            lp_beams, lp_tree, kv_t = tree_forward(target, vocab, mask, beams.codes, tree,
+            last = skip_decided and 0 < cur == L - 1
+            sub = last_code_beams(trie, beams, cur) if last else None  # at the last code (no tree): only
+            paths, beams_at = gathered(sub, beams.codes, fed[rows, :H, :max(cur - 1, 0)])  # beams with a choice
+            lp_beams, lp_tree, kv_t = tree_forward(target, vocab, mask, paths, tree,
                                                    None if target_kv is None else cache_rows(target_kv, rows), ids,
-                                                   fed[rows, :H, :max(cur - 1, 0)])  # [G, H, cur - 1]
+                                                   beams_at)  # [G, H or m, cur - 1] their codes' cache indices
+            lp_beams = spread(sub, lp_beams, H)  # [G, H, L * C]; the cache grew by the m fed, and no pass follows
             target_kv = kv_t if G == B else grow_rows(target_kv, kv_t, rows)
         calls += 1
         with record_function(STAGES["verify"]):

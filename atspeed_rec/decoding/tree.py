@@ -2,7 +2,7 @@
 
 The input (per request) is [the prompt, unless it is cached] + the H current beams' code paths
 (H chains of `cur` tokens, or only each beam's newest code when the cache keeps the earlier ones)
-+ the N*d tree tokens (level j, node n at index j*N + n; a node dead in every request is not fed).
++ the N*d tree tokens (level j, node n at index j*N + n; a node dead, or `unfed`, in every request is not fed).
 Every token sees the request's non-pad prompt, its own ancestors (fed now or found in the cache by
 index) and itself; its position id is the prompt's last position + 1 + its depth. Beam search feeds its
 beams' newest codes with an empty tree; the draft re-feeds the beams + the levels it has grown so far
@@ -30,6 +30,8 @@ class DraftTree:
     alive: torch.Tensor  # [G, d, N] False for padding nodes (fewer than N valid pairs)
     logq: list[torch.Tensor]  # relaxed only: level j's draft distribution over (parent, code), [G, n_parents, C]
     noise: list[torch.Tensor] = field(default_factory=list)  # relaxed only: the Gumbel noise q_j was drawn with
+    unfed: torch.Tensor | None = None  # [G, d, N] live nodes a pass need not feed: leaves whose next code, the ID's
+    # last, the trie decides (one valid code: log-prob 0 whatever the model says; `draft_tree` marks them)
 
     @staticmethod
     def empty(groups: int, width: int = 0, device=None) -> "DraftTree":
@@ -58,13 +60,15 @@ class DraftTree:
         n = int(live.nonzero().max()) + 1 if live.any() else 0
         if n == self.codes.shape[-1]:
             return self
-        return DraftTree(self.parents[..., :n], self.codes[..., :n], self.alive[..., :n], self.logq, self.noise)
+        return DraftTree(self.parents[..., :n], self.codes[..., :n], self.alive[..., :n], self.logq, self.noise,
+                         None if self.unfed is None else self.unfed[..., :n])
 
     def fed_slots(self) -> torch.Tensor | None:
-        """`[dN]` each node's index among the tree tokens a pass feeds (`tree_inputs` feeds a node only if it is
-        live in some request): dead columns go unfed, so a tree pruned by `pruned` costs only its live nodes.
-        None when every node is fed."""
-        live = self.alive.flatten(1).any(0)  # [dN]
+        """`[dN]` each node's index among the tree tokens a pass feeds, -1 for those it does not (`tree_inputs`
+        feeds a node only if it is live and not `unfed` in some request): dead columns go unfed, so a tree pruned by
+        `pruned` costs only its live nodes, and leaves the trie decides cost nothing. None when every node is fed."""
+        fed = self.alive if self.unfed is None else self.alive & ~self.unfed
+        live = fed.flatten(1).any(0)  # [dN]
         if bool(live.all()):
             return None
         return torch.where(live, live.long().cumsum(0) - 1, -1)
@@ -80,7 +84,8 @@ class DraftTree:
         order = flat.argsort(dim=-1, descending=True, stable=True)[:, :budget]  # ties: the lower index (level) first
         keep = torch.zeros_like(self.alive.flatten(1)).scatter_(1, order, True).view(G, d, N)
         alive = self.alive & keep
-        return DraftTree(self.parents.masked_fill(~alive, 0), self.codes, alive, self.logq, self.noise)  # as padding
+        return DraftTree(self.parents.masked_fill(~alive, 0), self.codes, alive, self.logq, self.noise,  # as padding
+                         self.unfed)
 
     def level(self, j: int) -> "DraftLevel":
         """Level j's nodes; q_j and its noise are None in strict mode."""
@@ -162,14 +167,14 @@ def tree_inputs(vocab: CodeVocab, prompt_mask: torch.Tensor, beam_codes: torch.T
         last = torch.arange(H, device=dev) * fed + fed - 1
     keep = torch.cat([last, H * fed + torch.arange(d * N, device=dev)])
     slots = tree.fed_slots()
-    if slots is not None:  # feed no node that is dead in every request (its output row: any fed token's)
+    if slots is not None:  # feed no node that is dead or unfed in every request (its output row: the 1st beam's)
         n_path = H * fed
         cols = torch.cat([torch.arange(n_path, device=dev), n_path + (slots >= 0).nonzero().flatten()])
         tokens, positions = tokens[:, cols], positions[:, cols]
         new_vis = new_vis[:, cols][:, :, cols]
         prompt_vis = prompt_vis[:, cols]
         Q = len(cols)
-        keep = torch.cat([last, n_path + slots.clamp(min=0)])
+        keep = torch.cat([last, torch.where(slots >= 0, n_path + slots, last[:1])])
     if prompt_ids is None:
         vis = torch.cat([prompt_vis, new_vis], -1)  # [G, Q, T + Q]
     else:  # the prompt's last F tokens are fed too (the first P - F, a shared prefix, are the cache)
