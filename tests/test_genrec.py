@@ -10,6 +10,7 @@ from atspeed_rec.recbole_glue.checkpoint import load_checkpoint, save_checkpoint
 from atspeed_rec.recbole_glue.cli import main
 from atspeed_rec.recbole_glue.runner import build_config
 from atspeed_rec.recbole_glue.trainer import cosine_schedule
+from packing import packed_and_alone
 
 SMALL = {"n_layers": 1, "hidden_size": 32, "n_heads": 2, "inner_size": 64,
          "sid_codebook_size": 8, "sid_source": "collaborative"}
@@ -53,6 +54,16 @@ def test_the_training_loss_decreases_on_one_batch(synth_root, in_tmp_dir):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_packing_windows_into_shared_rows_changes_neither_the_loss_nor_the_gradients(synth_root, in_tmp_dir,
+                                                                                     monkeypatch):
+    model, train, _ = small_genrec(synth_root)  # eval mode: no dropout, so both passes compute the same
+    (packed, packed_grads), (alone, alone_grads) = packed_and_alone(model, next(iter(train)), monkeypatch)
+    torch.testing.assert_close(packed, alone)
+    assert packed_grads.keys() == alone_grads.keys() and packed_grads
+    for name, grad in alone_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-6, rtol=1e-5)
 
 
 def test_full_sort_scores_rank_the_beam_items_first(synth_root, in_tmp_dir):

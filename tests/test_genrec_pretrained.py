@@ -25,6 +25,7 @@ from atspeed_rec.recbole_glue.genrec import GenRec
 from atspeed_rec.recbole_glue.checkpoint import load_checkpoint, save_checkpoint
 from atspeed_rec.recbole_glue.cli import main
 from atspeed_rec.recbole_glue.runner import build_config
+from packing import packed_and_alone
 
 SIDS = {"sid_codebook_size": 8, "sid_source": "collaborative"}  # L = 4 levels of 8 codes: 32 new tokens
 EXACT = {"dtype": "float32"}  # float32 whatever the machine: these tests compare against exact references
@@ -166,6 +167,16 @@ def test_a_compiled_training_step_gives_the_eager_loss_and_gradients(synth_root,
         torch.testing.assert_close(compiled[1][name], grad, atol=1e-4, rtol=1e-3)  # fused kernels: float noise
     block = model.lm.model.layers[0]
     assert block._compiled_call_impl is None  # teacher forcing and decoding elsewhere stay eager
+
+
+def test_packed_windows_give_a_pretrained_lm_the_loss_and_gradients_of_windows_alone(synth_root, tiny_lm,
+                                                                                      in_tmp_dir, monkeypatch):
+    model, train, _ = lora_genrec(synth_root, tiny_lm, lora_dropout=0.0)  # the text prefix opens each window
+    perturb_trained_part(model, 0)
+    (packed, packed_grads), (alone, alone_grads) = packed_and_alone(model, next(iter(train)), monkeypatch)
+    torch.testing.assert_close(packed, alone)
+    for name, grad in alone_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-6, rtol=1e-5)
 
 
 def test_training_goes_on_eagerly_with_a_warning_when_compiling_fails(synth_root, tiny_lm, in_tmp_dir,

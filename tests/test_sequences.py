@@ -1,9 +1,10 @@
 """Training windows: every training target learned once per epoch, with its true history."""
 
+import pytest
 import torch
 from recbole.data import create_dataset, data_preparation
 
-from atspeed_rec.models.sequences import TrainingWindows
+from atspeed_rec.models.sequences import TrainingWindows, pack
 from atspeed_rec.recbole_glue.runner import build_config
 
 
@@ -44,3 +45,22 @@ def test_exactly_one_row_per_user_stands_for_the_whole_sequence(synth_root, in_t
     assert torch.equal(torch.unique(train.inter_feat["user_id"][final]),
                        torch.unique(train.inter_feat["user_id"]))
     assert int(final.sum()) == len(torch.unique(train.inter_feat["user_id"]))
+
+
+def test_packed_rows_hold_every_sequence_once_side_by_side_within_the_capacity():
+    lengths = torch.randint(1, 30, (200,), generator=torch.Generator().manual_seed(0))
+    row, start = pack(lengths, 40)
+    taken = {}
+    for i, (r, s, n) in enumerate(zip(row.tolist(), start.tolist(), lengths.tolist())):
+        assert 0 <= s and s + n <= 40
+        for slot in range(s, s + n):
+            assert (r, slot) not in taken, f"sequences {taken[(r, slot)]} and {i} overlap"
+            taken[(r, slot)] = i
+    rows = int(row.max()) + 1
+    assert rows * 40 < 1.1 * int(lengths.sum())  # few pad slots: first fit, longest first
+    assert torch.equal(pack(lengths, 40)[0], row)  # deterministic
+
+
+def test_a_sequence_longer_than_a_row_is_refused():
+    with pytest.raises(ValueError, match="does not fit"):
+        pack(torch.tensor([3, 9]), 8)

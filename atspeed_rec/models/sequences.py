@@ -74,3 +74,21 @@ class TrainingWindows:
         items = items.masked_fill(slot < (self.width - real).unsqueeze(1), 0)
         loss_from = self.width - real + self.win_loss_from[win]
         return items.to(device), loss_from.to(device)
+
+
+def pack(lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows for sequences of `lengths [n]`, laid end to end in rows of `capacity` tokens (first fit,
+    longest first): `(row [n], start [n])`, sequence i at `row[i], start[i]:start[i] + lengths[i]`.
+    A batch packed this way computes few pad tokens, where padding each to the longest computes many."""
+    if len(lengths) and int(lengths.max()) > capacity:
+        raise ValueError(f"a sequence of {int(lengths.max())} tokens does not fit rows of {capacity}")
+    row, start = torch.zeros_like(lengths), torch.zeros_like(lengths)
+    free: list[int] = []  # tokens left in each row
+    for i in torch.argsort(lengths, descending=True, stable=True).tolist():
+        n = int(lengths[i])
+        r = next((r for r, left in enumerate(free) if left >= n), len(free))
+        if r == len(free):
+            free.append(capacity)
+        row[i], start[i] = r, capacity - free[r]
+        free[r] -= n
+    return row, start
