@@ -106,10 +106,22 @@ def serves_the_targets_lists(model, test) -> int:
             ids, mask = model.target.prompt(batch)
             spec, _ = model.speculative(ids, mask)
             ref = beam_search(model.target.lm, model.target.trie, model.target.vocab, ids, mask, model.num_beams)
-            assert torch.equal(spec.items, ref.items)
+            assert_same_lists_up_to_float_ties(spec, ref)
             torch.testing.assert_close(spec.scores, ref.scores, atol=1e-5, rtol=2e-6)
             users += len(ids)
     return users
+
+
+def assert_same_lists_up_to_float_ties(spec, ref, tie: float = 1e-5):
+    """The same items in the same order, but where two items' scores agree to float32 rounding (passes of other
+    shapes sum in another order): there the tied items may swap places, and only there."""
+    for b in torch.nonzero((spec.items != ref.items).any(1)).flatten().tolist():
+        for j in torch.nonzero(spec.items[b] != ref.items[b]).flatten().tolist():
+            item = int(spec.items[b, j])
+            assert item in ref.items[b].tolist(), f"request {b}: item {item} is not in the target's list"
+            own = ref.items[b].tolist().index(item)  # where the target's search put it
+            gap = abs(float(ref.scores[b, own] - ref.scores[b, j]))
+            assert gap <= tie, f"request {b}: item {item} moved from place {own} to {j} (scores {gap:.2g} apart)"
 
 
 def test_fewer_draft_beams_than_target_beams_is_refused(synth_root, in_tmp_dir, capsys):
