@@ -177,8 +177,9 @@ class GenRec(ProjectModel):
         level_of = (torch.arange(tokens.shape[1], device=tokens.device) - P) % L  # [P + W*L] (prefix: unused)
         # Each window's tokens but its last are fed to predict the next: packed end to end, few pads computed
         fed = n_real - 1  # [n]
-        row, start = pack(fed.cpu(), int(fed.max()))
-        R, T = int(row.max()) + 1, int(fed.max())
+        T = int(fed.max())  # row length: the longest window fed
+        row, start = pack(fed.cpu(), T)
+        R = int(row.max()) + 1
         col = torch.arange(tokens.shape[1] - 1, device=tokens.device)
         real = col < fed.unsqueeze(1)  # [n, P + W*L - 1]
         dest = ((row * T + start).to(tokens.device).unsqueeze(1) + col)[real]  # flat slot in the [R, T] rows
